@@ -1,0 +1,1 @@
+"""The demo app: a chat with an agent whose answers survive dropped connections."""

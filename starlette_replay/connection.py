@@ -1,0 +1,405 @@
+"""One accepted WebSocket: its send queue, its subscriptions, its frame handling.
+
+A connection runs two tasks in one task group. The *reader* handles the
+client's frames one at a time, in order (an ``ack`` is stored before the next
+frame is read). The *writer* is the only code that sends on the socket: it
+drains one ordered queue of frames and sends a heartbeat ``ping`` when the
+connection has been idle for ``heartbeat_interval``.
+
+Live frames (pushed by the hub, never awaiting) count toward
+``send_queue_size``; past it the connection is closed with 1013. Replayed
+events and replies are queued too but the reader waits for the writer to drain
+them, so they are paced by the socket and need no bound of their own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import anyio
+from starlette.websockets import WebSocket
+
+from .errors import StoreUnavailable
+from .hub import Subscription
+from .protocol import (
+    Ack,
+    CloseCode,
+    ErrorCode,
+    FrameError,
+    Ping,
+    Subscribe,
+    Unsubscribe,
+    encode_event,
+    encode_ping,
+    encode_pong,
+    encode_subscribed,
+    encode_unsubscribed,
+    parse_client_frame,
+)
+from .stores.base import Cursor
+
+if TYPE_CHECKING:
+    from .replay import Replay
+
+__all__ = ["Connection", "Limits"]
+
+logger = logging.getLogger("starlette_replay.connection")
+
+# Replies the reader may have queued before it waits for the writer.
+_REPLY_BACKLOG = 32
+
+
+def _not_subscribed(frame: Ack | Unsubscribe) -> FrameError:
+    return FrameError(ErrorCode.NOT_SUBSCRIBED, "not subscribed to this topic", ref=frame.ref, topic=frame.topic)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits (see :class:`~starlette_replay.Replay` for the meaning)."""
+
+    send_queue_size: int = 1024
+    max_message_size: int = 65536
+    max_subscriptions: int = 100
+    heartbeat_interval: float = 25.0
+    replay_page_size: int = 500
+    max_bad_frames: int = 100
+    bad_frames_window: float = 60.0
+    max_frame_rate: float = 100.0
+    frame_burst: int = 200
+    close_timeout: float = 5.0
+
+
+class Connection:
+    """Server side of one client connection. Created by the endpoint after ``accept``."""
+
+    def __init__(self, replay: Replay, websocket: WebSocket, identity: str | None, conn_id: str) -> None:
+        self.replay = replay
+        self.websocket = websocket
+        self.identity = identity
+        self.id = conn_id
+        self.limits: Limits = replay.limits
+        self.subs: dict[str, Subscription] = {}
+        self._queue: deque[tuple[str, bool]] = deque()
+        self.live_queued = 0  # live frames queued or buffered in subscriptions
+        self._queued = 0  # frames ever queued
+        self._sent = 0  # frames ever sent
+        self._wakeup: anyio.Event | None = None
+        self._progress: anyio.Event | None = None
+        self._scope: anyio.CancelScope | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._gone = False
+        self._tokens = float(self.limits.frame_burst)
+        self._tokens_at = time.monotonic()
+        self._bad_frames: deque[float] = deque()
+
+    def __repr__(self) -> str:
+        return f"Connection({self.id}, identity={self.identity!r}, topics={len(self.subs)})"
+
+    # --- the send queue (synchronous: called by the hub on the publish path) --------
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting to be written, plus live events held back during replays."""
+        return len(self._queue) + sum(len(sub.pending) for sub in self.subs.values())
+
+    def count_live(self, n: int) -> None:
+        self.live_queued += n
+        if n > 0 and self.live_queued > self.limits.send_queue_size:
+            self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+
+    def push_live(self, frame: str) -> None:
+        self._queue.append((frame, True))
+        self._queued += 1
+        self.count_live(1)
+        self._wake()
+
+    def _push(self, frame: str) -> int:
+        self._queue.append((frame, False))
+        self._queued += 1
+        self._wake()
+        return self._queued
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    async def _drained(self, seq: int) -> None:
+        """Wait until the writer has sent the frame numbered ``seq``."""
+        while self._sent < seq:
+            if self._progress is None:
+                self._progress = anyio.Event()
+            await self._progress.wait()
+
+    async def _reply(self, frame: str) -> None:
+        seq = self._push(frame)
+        if seq - self._sent > _REPLY_BACKLOG:
+            await self._drained(seq - _REPLY_BACKLOG)
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close the connection with ``code`` as soon as possible. Synchronous, idempotent."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            logger.info("[%s] closing with %d: %s", self.id, code, reason)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # --- running ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or it is aborted. Never raises."""
+        try:
+            with anyio.CancelScope() as self._scope:
+                if self.close_code is not None:
+                    self._scope.cancel()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._writer)
+                    await self._reader()
+                    tg.cancel_scope.cancel()
+        except Exception:
+            logger.exception("[%s] unexpected error", self.id)
+            self.abort(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sub in list(self.subs.values()):
+                    await self.replay.hub.leave(sub)
+                self.subs.clear()
+                if self.close_code is not None and not self._gone:
+                    with anyio.move_on_after(self.limits.close_timeout):
+                        try:
+                            await self.websocket.close(self.close_code, self.close_reason)
+                        except Exception:  # the peer went away meanwhile
+                            pass
+
+    async def _send(self, frame: str) -> None:
+        try:
+            await self.websocket.send_text(frame)
+        except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
+            logger.debug("[%s] send failed, peer gone: %r", self.id, exc)
+            self._gone = True
+            await self._stop()
+
+    async def _stop(self, code: int | None = None, reason: str = "") -> NoReturn:
+        """Abort with ``code`` (or just stop, when the peer is gone) and unwind this task."""
+        if code is not None:
+            self.abort(code, reason)
+        elif self._scope is not None:
+            self._scope.cancel()
+        await anyio.sleep_forever()  # raises at once: our scope is cancelled
+        raise AssertionError("unreachable")
+
+    async def _writer(self) -> None:
+        queue = self._queue
+        interval = self.limits.heartbeat_interval
+        while True:
+            if not queue:
+                self._wakeup = wakeup = anyio.Event()
+                with anyio.move_on_after(interval):
+                    await wakeup.wait()
+                if not queue:
+                    await self._send(encode_ping())
+                continue
+            frame, live = queue.popleft()
+            await self._send(frame)
+            if live:
+                self.live_queued -= 1
+            self._sent += 1
+            if self._progress is not None:
+                self._progress.set()
+                self._progress = None
+
+    async def _reader(self) -> None:
+        receive = self.websocket.receive
+        max_size = self.limits.max_message_size
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                self._gone = True
+                return
+            text: str | None = message.get("text")
+            if text is None:
+                size = len(message.get("bytes") or b"")
+            elif len(text) * 4 <= max_size:  # UTF-8 takes at most 4 bytes a character
+                size = 0
+            else:
+                size = len(text.encode("utf-8", "surrogatepass"))
+            if size > max_size:
+                await self._stop(CloseCode.MESSAGE_TOO_BIG, f"frame larger than {max_size} bytes")
+            if await self._rate_limited():
+                continue
+            try:
+                if text is None:
+                    raise FrameError(ErrorCode.BAD_REQUEST, "binary frames are not accepted; send JSON text")
+                await self._handle(parse_client_frame(text))
+            except FrameError as exc:
+                await self._refuse(exc)
+
+    async def _rate_limited(self) -> bool:
+        """Frame rate limit: a token bucket that may go into debt by one burst.
+
+        True when the frame must be dropped (a ``rate_limited`` error is queued);
+        past the debt the connection is closed with 1008.
+        """
+        limits = self.limits
+        now = time.monotonic()
+        self._tokens = min(float(limits.frame_burst), self._tokens + (now - self._tokens_at) * limits.max_frame_rate)
+        self._tokens_at = now
+        self._tokens -= 1
+        if self._tokens >= 0:
+            return False
+        if self._tokens < -limits.frame_burst:
+            await self._stop(CloseCode.POLICY_VIOLATION, "frame rate limit exceeded")
+        self._push(FrameError(ErrorCode.RATE_LIMITED, "frame dropped: too many frames per second").encode())
+        return True
+
+    async def _refuse(self, error: FrameError) -> None:
+        if error.code == ErrorCode.BAD_REQUEST:
+            now = time.monotonic()
+            window = self._bad_frames
+            window.append(now)
+            while window and now - window[0] > self.limits.bad_frames_window:
+                window.popleft()
+            if len(window) > self.limits.max_bad_frames:
+                await self._stop(CloseCode.POLICY_VIOLATION, "too many bad frames")
+        await self._reply(error.encode())
+
+    # --- frames ----------------------------------------------------------------------
+
+    async def _handle(self, frame: Subscribe | Unsubscribe | Ack | Ping) -> None:
+        if isinstance(frame, Ping):
+            await self._reply(encode_pong(frame.ref))
+        elif isinstance(frame, Ack):
+            await self._ack(frame)
+        elif isinstance(frame, Subscribe):
+            await self._subscribe(frame)
+        else:
+            if frame.topic not in self.subs:
+                raise _not_subscribed(frame)
+            await self._drop(frame.topic)
+            await self._reply(encode_unsubscribed(frame.topic, frame.ref))
+
+    async def _drop(self, topic: str) -> None:
+        sub = self.subs.pop(topic)
+        self.count_live(-len(sub.pending))
+        sub.pending.clear()
+        await self.replay.hub.leave(sub)
+
+    async def _ack(self, frame: Ack) -> None:
+        if frame.topic not in self.subs:
+            raise _not_subscribed(frame)
+        if self.identity is None:
+            return
+        try:
+            await self.replay.store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset))
+        except StoreUnavailable as exc:
+            raise FrameError(
+                ErrorCode.UNAVAILABLE, f"cursor not stored: {exc}", ref=frame.ref, topic=frame.topic
+            ) from None
+
+    async def _authorized(self, topic: str, ref: Any) -> bool:
+        authorize = self.replay.authorize
+        if authorize is None:
+            raise FrameError(
+                ErrorCode.FORBIDDEN,
+                "no topic is allowed: pass authorize=<callable(websocket, topic) -> bool> to Replay "
+                "(or authorize=allow_all for a demo)",
+                ref=ref,
+                topic=topic,
+            )
+        try:
+            result = authorize(self.websocket, topic)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:
+            logger.exception("[%s] authorize(%r) raised", self.id, topic)
+            raise FrameError(ErrorCode.INTERNAL, "authorization failed", ref=ref, topic=topic) from None
+        return result is True
+
+    async def _subscribe(self, frame: Subscribe) -> None:
+        topic, ref = frame.topic, frame.ref
+        if topic in self.subs:
+            await self._drop(topic)
+        elif len(self.subs) >= self.limits.max_subscriptions:
+            raise FrameError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                ref=ref,
+                topic=topic,
+            )
+        if not await self._authorized(topic, ref):
+            raise FrameError(ErrorCode.FORBIDDEN, "not allowed to subscribe to this topic", ref=ref, topic=topic)
+        store = self.replay.store
+        cursor: Cursor | None = None
+        sub = Subscription(self, topic)
+        self.subs[topic] = sub
+        try:
+            if frame.epoch is not None and frame.offset is not None:
+                cursor = Cursor(frame.epoch, frame.offset)
+            elif self.identity is not None:
+                cursor = await store.load_cursor(self.identity, topic)
+            await self.replay.hub.join(sub)
+            pos = await store.position(topic)
+        except StoreUnavailable as exc:
+            if self.subs.get(topic) is sub:
+                await self._drop(topic)
+            raise FrameError(ErrorCode.UNAVAILABLE, f"store unavailable: {exc}", ref=ref, topic=topic) from None
+
+        oldest_cursor = pos.oldest - 1
+        if cursor is not None:
+            recovered = cursor.epoch == pos.epoch and oldest_cursor <= cursor.offset <= pos.head
+            start = cursor.offset if recovered else oldest_cursor
+        else:
+            recovered = False
+            start = max(oldest_cursor, pos.head - frame.rewind)
+        await self._reply(
+            encode_subscribed(
+                topic,
+                pos.epoch,
+                pos.head,
+                resumed=cursor is not None,
+                recovered=recovered,
+                replayed=pos.head - start,
+                ref=ref,
+            )
+        )
+        try:
+            last = await self._replay(topic, pos.epoch, start, pos.head)
+        except StoreUnavailable as exc:
+            await self._stop(CloseCode.TRY_AGAIN_LATER, f"store unavailable during replay: {exc}")
+        if last != pos.head:
+            await self._stop(CloseCode.TRY_AGAIN_LATER, f"history of {topic!r} changed during replay")
+        sub.go_live(pos.epoch, last)
+
+    async def _replay(self, topic: str, epoch: str, after: int, head: int) -> int:
+        """Queue the stored events ``after+1 .. head``, paced by the socket.
+
+        Returns the offset of the last event queued, which is less than ``head``
+        when the store no longer has a contiguous history (trimmed or reset
+        meanwhile).
+        """
+        store = self.replay.store
+        page_size = self.limits.replay_page_size
+        previous_page_end = 0
+        while after < head:
+            page = await store.read(topic, after, min(page_size, head - after))
+            seq = 0
+            for event in page:
+                if event.offset != after + 1 or event.epoch != epoch:
+                    return after
+                seq = self._push(encode_event(event))
+                after = event.offset
+            if not page:
+                return after
+            # Keep one page in flight while reading the next, no more.
+            await self._drained(previous_page_end)
+            previous_page_end = seq
+        return after

@@ -1,0 +1,124 @@
+"""The ASGI side: the WebSocket handshake (origin, identity, subprotocol), then a Connection."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocket
+
+from .connection import Connection
+from .errors import Refused
+from .protocol import SUBPROTOCOL, CloseCode
+
+if TYPE_CHECKING:
+    from .replay import Replay
+
+__all__ = ["origin_allowed", "serve"]
+
+logger = logging.getLogger("starlette_replay.endpoint")
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _netloc(host: str, scheme: str | None) -> tuple[str, int | None]:
+    """``host[:port]`` as (lower-cased host, port), the port defaulted by scheme."""
+    parts = urlsplit(f"//{host}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None and scheme is not None:
+        port = _DEFAULT_PORTS.get(scheme)
+    return (parts.hostname or "").lower(), port
+
+
+def origin_allowed(origin: str | None, host: str | None, scheme: str, allowed: Sequence[str] | None) -> bool:
+    """Decide whether a handshake's ``Origin`` may connect.
+
+    No ``Origin`` header (a non-browser client) is allowed: the check exists to
+    stop other sites' pages from using a browser's cookies. With ``allowed`` None
+    the origin must name the same host and port as the ``Host`` header (the
+    scheme is not compared, so a TLS-terminating proxy does not break it);
+    otherwise it must be one of ``allowed`` (``"*"`` allows any).
+    """
+    if origin is None:
+        return True
+    if allowed is not None:
+        return "*" in allowed or origin.rstrip("/") in allowed
+    if host is None or origin == "null":
+        return False
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    try:
+        origin_port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    except ValueError:
+        return False
+    host_name, host_port = _netloc(host, None)
+    if host_port is None:
+        host_port = _DEFAULT_PORTS["https" if scheme in ("wss", "https") else "http"]
+        if host_name == parts.hostname.lower() and origin_port in (80, 443):
+            # Host without a port: the client used the scheme's default port,
+            # which a proxy may have changed from https to http.
+            return True
+    return host_name == parts.hostname.lower() and host_port == origin_port
+
+
+async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
+    """Refuse the handshake with an HTTP status (403 via a plain close where the server lacks the extension)."""
+    if status != 403 and "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(PlainTextResponse(reason, status_code=status))
+    else:
+        await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=reason)
+
+
+async def serve(replay: Replay, websocket: WebSocket) -> None:
+    """Run one WebSocket connection from handshake to close. Never raises."""
+    conn_id = secrets.token_hex(4)
+    if not origin_allowed(
+        websocket.headers.get("origin"),
+        websocket.headers.get("host"),
+        websocket.url.scheme,
+        replay.allowed_origins,
+    ):
+        logger.warning("[%s] handshake refused: origin %r not allowed", conn_id, websocket.headers.get("origin"))
+        await _deny(websocket, 403, "origin not allowed")
+        return
+    identity: str | None = None
+    if replay.identify is not None:
+        try:
+            result = replay.identify(websocket)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None and not isinstance(result, str):
+                raise TypeError(f"identify() must return a str or None, not {type(result).__name__}")
+            identity = result
+        except Refused as exc:
+            logger.info("[%s] handshake refused by identify: %s", conn_id, exc.reason)
+            await _deny(websocket, 403, "refused")
+            return
+        except Exception:
+            logger.exception("[%s] identify() raised; refusing the handshake", conn_id)
+            await _deny(websocket, 500, "internal error")
+            return
+    if not replay.running:
+        logger.error(
+            "[%s] connection refused: the Replay is not running. Start it with the app's lifespan "
+            "(Starlette(..., lifespan=replay.lifespan)) or `async with replay:`",
+            conn_id,
+        )
+        await _deny(websocket, 503, "not running")
+        return
+    offered = websocket.scope.get("subprotocols") or []
+    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    connection = Connection(replay, websocket, identity, conn_id)
+    logger.debug("[%s] connected (identity=%r)", conn_id, identity)
+    with replay._track(connection):
+        await connection.run()
+    logger.debug("[%s] closed (%s)", conn_id, connection.close_code)

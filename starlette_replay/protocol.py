@@ -1,0 +1,484 @@
+"""The wire protocol, version 1, as pure code: no awaits, no I/O.
+
+Client frames are parsed into typed objects, or a :class:`FrameError` that says
+which field is wrong and why. Server frames are encoded to the JSON text that
+goes on the socket; an event's frame is encoded once and cached on the event, so
+every subscriber gets the same string.
+
+The contract is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .errors import InvalidEvent, InvalidTopic
+from .events import Event
+
+__all__ = [
+    "MAX_EPOCH_LENGTH",
+    "MAX_OFFSET",
+    "MAX_REF_LENGTH",
+    "SUBPROTOCOL",
+    "Ack",
+    "ClientFrame",
+    "CloseCode",
+    "ErrorCode",
+    "ErrorFrame",
+    "EventFrame",
+    "FrameError",
+    "Ping",
+    "Pong",
+    "Ref",
+    "ServerFrame",
+    "ServerPing",
+    "Subscribe",
+    "Subscribed",
+    "Unsubscribe",
+    "Unsubscribed",
+    "check_event_type",
+    "check_topic",
+    "encode_client_frame",
+    "encode_data",
+    "encode_error",
+    "encode_event",
+    "encode_ping",
+    "encode_pong",
+    "encode_subscribed",
+    "encode_unsubscribed",
+    "is_valid_topic",
+    "parse_client_frame",
+    "parse_server_frame",
+]
+
+SUBPROTOCOL = "replay.v1"
+MAX_OFFSET = 2**53 - 1
+MAX_REF_LENGTH = 64
+# Epochs are opaque to clients; ours are 16 hex chars. The bound only keeps a
+# hostile client from making us compare megabytes.
+MAX_EPOCH_LENGTH = 128
+MAX_TOPIC_LENGTH = 256
+MAX_EVENT_TYPE_LENGTH = 64
+
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_\-.:@/]{1,256}")
+_EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_\-.:@/]{1,64}")
+
+Ref = str | int
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server uses, and what a client does on each."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+
+
+class ErrorCode(str, enum.Enum):
+    """Codes carried by ``error`` frames."""
+
+    BAD_REQUEST = "bad_request"
+    FORBIDDEN = "forbidden"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    NOT_SUBSCRIBED = "not_subscribed"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FrameError(Exception):
+    """A client frame was refused. Becomes an ``error`` frame; the connection stays open."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        ref: Ref | None = None,
+        topic: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+        self.topic = topic
+
+    def __repr__(self) -> str:
+        return f"FrameError({self.code.value!r}, {self.message!r}, ref={self.ref!r}, topic={self.topic!r})"
+
+    def encode(self) -> str:
+        """The ``error`` frame for this refusal."""
+        return encode_error(self.code, self.message, topic=self.topic, ref=self.ref)
+
+
+# --- names -------------------------------------------------------------------------
+
+
+def is_valid_topic(topic: object) -> bool:
+    """True when ``topic`` is a string the protocol accepts as a topic name."""
+    return isinstance(topic, str) and _TOPIC_RE.fullmatch(topic) is not None
+
+
+def check_topic(topic: object) -> str:
+    """Return ``topic`` unchanged, or raise :class:`InvalidTopic` saying what is wrong."""
+    if not isinstance(topic, str):
+        raise InvalidTopic(f"topic must be a string, not {type(topic).__name__}")
+    if _TOPIC_RE.fullmatch(topic) is None:
+        raise InvalidTopic(f"invalid topic {topic[:80]!r}: 1-{MAX_TOPIC_LENGTH} characters of A-Z a-z 0-9 _ - . : @ /")
+    return topic
+
+
+def check_event_type(event_type: object) -> str:
+    """Return ``event_type`` unchanged, or raise :class:`InvalidEvent` saying what is wrong."""
+    if not isinstance(event_type, str):
+        raise InvalidEvent(f"event type must be a string, not {type(event_type).__name__}")
+    if _EVENT_TYPE_RE.fullmatch(event_type) is None:
+        raise InvalidEvent(
+            f"invalid event type {event_type[:80]!r}: 1-{MAX_EVENT_TYPE_LENGTH} characters of A-Z a-z 0-9 _ - . : @ /"
+        )
+    return event_type
+
+
+def encode_data(data: Any) -> str:
+    """Encode an event payload to compact JSON text, or raise :class:`InvalidEvent`.
+
+    NaN and infinities are refused (they are not JSON), and so are strings with
+    lone surrogates (they cannot be sent as UTF-8).
+    """
+    try:
+        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidEvent(f"data is not JSON-serialisable: {exc}") from None
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent("data contains a lone surrogate, which is not valid UTF-8") from None
+    return raw
+
+
+# --- client frames -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    topic: str
+    epoch: str | None = None
+    offset: int | None = None
+    rewind: int = 0
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    topic: str
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    topic: str
+    epoch: str
+    offset: int
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ref: Ref | None = None
+
+
+ClientFrame = Subscribe | Unsubscribe | Ack | Ping
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _bad(message: str, ref: Ref | None = None, topic: str | None = None) -> FrameError:
+    return FrameError(ErrorCode.BAD_REQUEST, message, ref=ref, topic=topic)
+
+
+def _parse_ref(obj: dict[str, Any]) -> Ref | None:
+    if "ref" not in obj:
+        return None
+    ref = obj["ref"]
+    if isinstance(ref, bool) or not isinstance(ref, str | int):
+        raise _bad("'ref' must be a string or an integer")
+    if len(str(ref)) > MAX_REF_LENGTH:
+        raise _bad(f"'ref' must be at most {MAX_REF_LENGTH} characters")
+    return ref
+
+
+def _field_topic(obj: dict[str, Any], ref: Ref | None) -> str:
+    if "topic" not in obj:
+        raise _bad("missing field 'topic'", ref)
+    topic = obj["topic"]
+    if not isinstance(topic, str):
+        raise _bad("'topic' must be a string", ref)
+    if _TOPIC_RE.fullmatch(topic) is None:
+        raise _bad(
+            f"'topic' must be 1-{MAX_TOPIC_LENGTH} characters of A-Z a-z 0-9 _ - . : @ /",
+            ref,
+        )
+    return topic
+
+
+def _field_int(obj: dict[str, Any], name: str, ref: Ref | None, topic: str) -> int:
+    value = obj[name]
+    # bool is an int subclass in Python, but `true` is not a JSON integer.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{name}' must be an integer", ref, topic)
+    if not 0 <= value <= MAX_OFFSET:
+        raise _bad(f"'{name}' must be between 0 and {MAX_OFFSET}", ref, topic)
+    return value
+
+
+def _field_epoch(obj: dict[str, Any], ref: Ref | None, topic: str) -> str:
+    epoch = obj["epoch"]
+    if not isinstance(epoch, str) or not epoch:
+        raise _bad("'epoch' must be a non-empty string", ref, topic)
+    if len(epoch) > MAX_EPOCH_LENGTH:
+        raise _bad(f"'epoch' must be at most {MAX_EPOCH_LENGTH} characters", ref, topic)
+    return epoch
+
+
+def parse_client_frame(text: str) -> ClientFrame:
+    """Parse one client text frame.
+
+    Returns a :data:`ClientFrame`. Raises :class:`FrameError` (``bad_request``) with
+    a message naming the field at fault; its ``ref`` is the frame's own ``ref``
+    when that could be read, so the error can be matched to the request.
+    """
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _bad("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise _bad("frame must be a JSON object")
+    ref = _parse_ref(obj)
+    kind = obj.get("type")
+    if kind is None:
+        raise _bad("missing field 'type'", ref)
+    if kind == "subscribe":
+        topic = _field_topic(obj, ref)
+        has_epoch, has_offset = "epoch" in obj, "offset" in obj
+        if has_epoch != has_offset:
+            raise _bad("'epoch' and 'offset' must be given together", ref, topic)
+        epoch = _field_epoch(obj, ref, topic) if has_epoch else None
+        offset = _field_int(obj, "offset", ref, topic) if has_offset else None
+        rewind = _field_int(obj, "rewind", ref, topic) if "rewind" in obj else 0
+        return Subscribe(topic, epoch, offset, rewind, ref)
+    if kind == "unsubscribe":
+        return Unsubscribe(_field_topic(obj, ref), ref)
+    if kind == "ack":
+        topic = _field_topic(obj, ref)
+        for name in ("epoch", "offset"):
+            if name not in obj:
+                raise _bad(f"missing field '{name}'", ref, topic)
+        return Ack(topic, _field_epoch(obj, ref, topic), _field_int(obj, "offset", ref, topic), ref)
+    if kind == "ping":
+        return Ping(ref)
+    if isinstance(kind, str):
+        raise _bad(f"unknown frame type {kind[:64]!r}", ref)
+    raise _bad("'type' must be a string", ref)
+
+
+def encode_client_frame(frame: ClientFrame) -> str:
+    """Encode a client frame (what a client sends). Fields left at None are omitted."""
+    obj: dict[str, Any]
+    if isinstance(frame, Subscribe):
+        obj = {"type": "subscribe", "topic": frame.topic}
+        if frame.epoch is not None and frame.offset is not None:
+            obj["epoch"] = frame.epoch
+            obj["offset"] = frame.offset
+        if frame.rewind:
+            obj["rewind"] = frame.rewind
+    elif isinstance(frame, Unsubscribe):
+        obj = {"type": "unsubscribe", "topic": frame.topic}
+    elif isinstance(frame, Ack):
+        obj = {"type": "ack", "topic": frame.topic, "epoch": frame.epoch, "offset": frame.offset}
+    else:
+        obj = {"type": "ping"}
+    if frame.ref is not None:
+        obj["ref"] = frame.ref
+    return _dumps(obj)
+
+
+# --- server frames -------------------------------------------------------------------
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _with_ref(obj: dict[str, Any], ref: Ref | None) -> dict[str, Any]:
+    if ref is not None:
+        obj["ref"] = ref
+    return obj
+
+
+def encode_subscribed(
+    topic: str,
+    epoch: str,
+    offset: int,
+    *,
+    resumed: bool,
+    recovered: bool,
+    replayed: int,
+    ref: Ref | None = None,
+) -> str:
+    return _dumps(
+        _with_ref(
+            {
+                "type": "subscribed",
+                "topic": topic,
+                "epoch": epoch,
+                "offset": offset,
+                "resumed": resumed,
+                "recovered": recovered,
+                "replayed": replayed,
+            },
+            ref,
+        )
+    )
+
+
+def encode_event(event: Event) -> str:
+    """The ``event`` frame for ``event``, encoded once and cached on it.
+
+    Topic and event type are checked against an alphabet without quotes or
+    backslashes before they are stored, and ``raw`` is JSON text already, so the
+    frame is assembled without a JSON encoder.
+    """
+    frame = event._frame
+    if frame is None:
+        frame = (
+            f'{{"type":"event","topic":"{event.topic}","offset":{event.offset},'
+            f'"event":"{event.event}","data":{event.raw},"time":{event.time}}}'
+        )
+        event._frame = frame
+    return frame
+
+
+def encode_unsubscribed(topic: str, ref: Ref | None = None) -> str:
+    return _dumps(_with_ref({"type": "unsubscribed", "topic": topic}, ref))
+
+
+def encode_pong(ref: Ref | None = None) -> str:
+    return _dumps(_with_ref({"type": "pong"}, ref))
+
+
+_PING = '{"type":"ping"}'
+
+
+def encode_ping() -> str:
+    return _PING
+
+
+def encode_error(
+    code: ErrorCode,
+    message: str,
+    *,
+    topic: str | None = None,
+    ref: Ref | None = None,
+) -> str:
+    obj: dict[str, Any] = {"type": "error", "code": code.value, "message": message}
+    if topic is not None:
+        obj["topic"] = topic
+    return _dumps(_with_ref(obj, ref))
+
+
+# --- server frames, parsed (for clients and tests) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    topic: str
+    epoch: str
+    offset: int
+    resumed: bool
+    recovered: bool
+    replayed: int
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventFrame:
+    topic: str
+    offset: int
+    event: str
+    data: Any
+    time: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    topic: str
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerPing:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    code: str
+    message: str
+    topic: str | None = None
+    ref: Ref | None = None
+
+
+ServerFrame = Subscribed | EventFrame | Unsubscribed | Pong | ServerPing | ErrorFrame
+
+
+def parse_server_frame(text: str | bytes) -> ServerFrame:
+    """Parse one server frame (what a client receives).
+
+    Raises ``ValueError`` when the text is not a frame of this protocol.
+    """
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError("server frame must be a JSON object")
+    kind = obj.get("type")
+    try:
+        if kind == "event":
+            return EventFrame(obj["topic"], obj["offset"], obj["event"], obj.get("data"), obj["time"])
+        if kind == "subscribed":
+            return Subscribed(
+                obj["topic"],
+                obj["epoch"],
+                obj["offset"],
+                obj["resumed"],
+                obj["recovered"],
+                obj["replayed"],
+                obj.get("ref"),
+            )
+        if kind == "unsubscribed":
+            return Unsubscribed(obj["topic"], obj.get("ref"))
+        if kind == "pong":
+            return Pong(obj.get("ref"))
+        if kind == "ping":
+            return ServerPing()
+        if kind == "error":
+            return ErrorFrame(obj["code"], obj["message"], obj.get("topic"), obj.get("ref"))
+    except KeyError as exc:
+        raise ValueError(f"{kind} frame without field {exc}") from None
+    raise ValueError(f"unknown server frame type {kind!r}")

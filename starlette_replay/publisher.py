@@ -1,0 +1,100 @@
+"""Publishing: validate, store first, and let the store's live side deliver."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio.from_thread
+import anyio.lowlevel
+
+from .errors import InvalidEvent, NotRunning
+from .events import Event
+from .protocol import check_event_type, check_topic, encode_data
+
+if TYPE_CHECKING:
+    from .replay import Replay
+
+__all__ = ["Publisher"]
+
+# bytes an event frame adds to its data: the type, topic, offset and time fields
+_FRAME_OVERHEAD = 96
+
+
+class Publisher:
+    """Publishes events through a :class:`~starlette_replay.Replay`.
+
+    In FastAPI, ``publisher: Publisher = Depends(replay.publisher)``; elsewhere
+    ``replay.publish`` is the same call.
+    """
+
+    __slots__ = ("_replay",)
+
+    def __init__(self, replay: Replay) -> None:
+        self._replay = replay
+
+    def _encode(self, topic: str, event_type: str, data: Any) -> str:
+        raw = encode_data(data)
+        size = len(raw.encode("utf-8")) + len(topic) + len(event_type) + _FRAME_OVERHEAD
+        limit = self._replay.max_event_size
+        if size > limit:
+            raise InvalidEvent(f"encoded event is {size} bytes, over max_event_size={limit}")
+        return raw
+
+    async def publish(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
+        """Store one event, then deliver it to the topic's subscribers.
+
+        Returns the stored :class:`Event` (with its offset and epoch). Raises
+        ``InvalidTopic``/``InvalidEvent`` before storing anything, ``NotRunning``
+        when the Replay is not started, and ``StoreUnavailable`` when the store
+        could not confirm the write (the event was then delivered to no one).
+        With ``idempotency_key``, publishing again with the same key stores
+        nothing and returns the first event. Cancelling is safe in that nothing
+        is delivered that the store does not hold, but the event may or may not
+        have been stored: retry with an ``idempotency_key`` to be sure.
+        """
+        events = await self.publish_many(topic, [(event_type, data)], idempotency_key=idempotency_key)
+        return events[0]
+
+    async def publish_many(
+        self,
+        topic: str,
+        events: Iterable[tuple[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[Event]:
+        """Store several events in one atomic append, with consecutive offsets.
+
+        Same errors and cancellation as :meth:`publish`; an empty list stores
+        nothing and returns ``[]``.
+        """
+        check_topic(topic)
+        items = [(check_event_type(event_type), self._encode(topic, event_type, data)) for event_type, data in events]
+        key = idempotency_key
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
+            raise InvalidEvent("idempotency_key must be a string of 1-256 characters")
+        if not items:
+            return []
+        self._replay._check_running()
+        return await self._replay.store.append(topic, items, idempotency_key=idempotency_key)
+
+    def publish_sync(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
+        """:meth:`publish` from a thread: a FastAPI ``def`` handler, a worker thread.
+
+        Blocks until the event is stored and returns it; raises like
+        :meth:`publish`, and ``RuntimeError`` when called from the event loop's
+        own thread (use ``await publish(...)`` there).
+        """
+        token = self._replay._token
+        if token is None:
+            raise NotRunning("the Replay is not running: start it before publishing")
+        try:
+            anyio.lowlevel.current_token()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("publish_sync() was called from the event loop thread: use `await publish(...)`")
+        return anyio.from_thread.run(
+            lambda: self.publish(topic, event_type, data, idempotency_key=idempotency_key),
+            token=token,
+        )

@@ -1,0 +1,257 @@
+"""The app-facing object: configuration, lifecycle, the route, publishing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from .connection import Connection, Limits
+from .endpoint import serve
+from .errors import NotRunning
+from .events import Event
+from .hub import Hub
+from .protocol import CloseCode, check_topic
+from .publisher import Publisher
+from .stores.base import EventStore
+from .stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Authorize", "Identify", "Replay", "allow_all"]
+
+logger = logging.getLogger("starlette_replay.replay")
+
+Authorize = Callable[[WebSocket, str], "bool | Awaitable[bool]"]
+Identify = Callable[[WebSocket], "str | Awaitable[str | None] | None"]
+
+
+def allow_all(websocket: WebSocket, topic: str) -> bool:
+    """An ``authorize`` hook that allows every topic: for demos and tests only."""
+    return True
+
+
+def _positive(name: str, value: Any, kind: type | tuple[type, ...] = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:  # type: ignore[operator]
+        raise ValueError(f"{name} must be a positive number, not {value!r}")
+
+
+class Replay:
+    """A lossless WebSocket push route backed by an event store.
+
+    See ``README.md`` for every option. The Replay owns its store: it connects it
+    on start and closes it (``store.aclose()``) on shutdown.
+    """
+
+    def __init__(
+        self,
+        store: EventStore | None = None,
+        *,
+        authorize: Authorize | None = None,
+        identify: Identify | None = None,
+        allowed_origins: Sequence[str] | None = None,
+        send_queue_size: int = 1024,
+        max_message_size: int = 65536,
+        max_subscriptions: int = 100,
+        heartbeat_interval: float = 25.0,
+        max_event_size: int = 1024 * 1024,
+        replay_page_size: int = 500,
+        max_bad_frames: int = 100,
+        bad_frames_window: float = 60.0,
+        max_frame_rate: float = 100.0,
+        frame_burst: int = 200,
+        close_timeout: float = 5.0,
+    ) -> None:
+        for name, value in (
+            ("send_queue_size", send_queue_size),
+            ("max_message_size", max_message_size),
+            ("max_subscriptions", max_subscriptions),
+            ("max_event_size", max_event_size),
+            ("replay_page_size", replay_page_size),
+            ("max_bad_frames", max_bad_frames),
+            ("frame_burst", frame_burst),
+        ):
+            _positive(name, value)
+        for name, number in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("bad_frames_window", bad_frames_window),
+            ("max_frame_rate", max_frame_rate),
+            ("close_timeout", close_timeout),
+        ):
+            _positive(name, number, (int, float))
+        if isinstance(allowed_origins, str):
+            raise TypeError('allowed_origins must be a list of origins, e.g. ["https://example.com"], not a string')
+        if store is not None and not isinstance(store, EventStore):
+            raise TypeError(f"store must implement EventStore, got {type(store).__name__}")
+        self.store: EventStore = store if store is not None else MemoryStore()
+        self.authorize = authorize
+        self.identify = identify
+        self.allowed_origins = None if allowed_origins is None else [o.rstrip("/") for o in allowed_origins]
+        self.max_event_size = max_event_size
+        self.limits = Limits(
+            send_queue_size=send_queue_size,
+            max_message_size=max_message_size,
+            max_subscriptions=max_subscriptions,
+            heartbeat_interval=heartbeat_interval,
+            replay_page_size=replay_page_size,
+            max_bad_frames=max_bad_frames,
+            bad_frames_window=bad_frames_window,
+            max_frame_rate=max_frame_rate,
+            frame_burst=frame_burst,
+            close_timeout=close_timeout,
+        )
+        self.hub = Hub(self.store)
+        self._publisher = Publisher(self)
+        self._connections: set[Connection] = set()
+        self._all_closed: anyio.Event | None = None
+        self._stack: AsyncExitStack | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+
+    def __repr__(self) -> str:
+        return f"Replay(store={self.store!r}, running={self.running})"
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._stack is not None
+
+    def _check_running(self) -> None:
+        if self._stack is None:
+            raise NotRunning(
+                "the Replay is not running: pass lifespan=replay.lifespan to the app, or use `async with replay:`"
+            )
+
+    async def __aenter__(self) -> Replay:
+        """Connect the store and start serving. Raises ``RuntimeError`` if already started."""
+        if self._stack is not None:
+            raise RuntimeError("this Replay is already running")
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.store.connect(self.hub))
+            self._token = anyio.lowlevel.current_token()
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every open connection with 1001, then the store. Safe to call twice."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        self._token = None
+        with anyio.CancelScope(shield=True):
+            if self._connections:
+                logger.info("shutting down: closing %d connections", len(self._connections))
+                self._all_closed = anyio.Event()
+                for connection in list(self._connections):
+                    connection.abort(CloseCode.GOING_AWAY, "server shutting down")
+                with anyio.move_on_after(self.limits.close_timeout + 1):
+                    await self._all_closed.wait()
+            try:
+                await stack.aclose()
+            finally:
+                await self.store.aclose()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """A Starlette/FastAPI lifespan: ``Starlette(..., lifespan=replay.lifespan)``."""
+        async with self:
+            yield
+
+    @contextmanager
+    def _track(self, connection: Connection) -> Iterator[None]:
+        self._connections.add(connection)
+        try:
+            yield
+        finally:
+            self._connections.discard(connection)
+            if not self._connections and self._all_closed is not None:
+                self._all_closed.set()
+
+    # --- ASGI --------------------------------------------------------------------
+
+    async def endpoint(self, websocket: WebSocket) -> None:
+        """The WebSocket endpoint: ``WebSocketRoute("/ws", replay.endpoint)``."""
+        await serve(self, websocket)
+
+    def route(self, path: str, *, name: str | None = None) -> WebSocketRoute:
+        """A ``WebSocketRoute`` serving this Replay at ``path``."""
+        return WebSocketRoute(path, self.endpoint, name=name)
+
+    def client_route(self, path: str = "/replay.js", *, name: str | None = None) -> Route:
+        """A route that serves the browser client, an ES module (``static/replay.js``)."""
+        source = resources.files("starlette_replay").joinpath("static/replay.js").read_bytes()
+
+        async def replay_js(request: Request) -> Response:
+            return Response(
+                source,
+                media_type="text/javascript",
+                headers={"cache-control": "no-cache"},
+            )
+
+        return Route(path, replay_js, methods=["GET", "HEAD"], name=name)
+
+    # --- publishing ----------------------------------------------------------------
+
+    def publisher(self) -> Publisher:
+        """The :class:`Publisher` of this Replay; a FastAPI dependency: ``Depends(replay.publisher)``."""
+        return self._publisher
+
+    async def publish(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
+        """See :meth:`Publisher.publish`."""
+        return await self._publisher.publish(topic, event_type, data, idempotency_key=idempotency_key)
+
+    async def publish_many(
+        self,
+        topic: str,
+        events: Iterable[tuple[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[Event]:
+        """See :meth:`Publisher.publish_many`."""
+        return await self._publisher.publish_many(topic, events, idempotency_key=idempotency_key)
+
+    def publish_sync(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
+        """See :meth:`Publisher.publish_sync`."""
+        return self._publisher.publish_sync(topic, event_type, data, idempotency_key=idempotency_key)
+
+    async def history(self, topic: str, after: int | None = None, limit: int = 100) -> list[Event]:
+        """Up to ``limit`` retained events of ``topic`` with offset > ``after``, oldest first.
+
+        ``after=None`` starts at the oldest retained event. Page on with
+        ``after=events[-1].offset``. Raises ``InvalidTopic``, ``ValueError`` for
+        a bad ``after``/``limit``, ``StoreUnavailable``. Safe to cancel.
+        """
+        check_topic(topic)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 10_000:
+            raise ValueError(f"limit must be an integer from 1 to 10000, not {limit!r}")
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+            raise ValueError(f"after must be a non-negative integer or None, not {after!r}")
+        self._check_running()
+        return await self.store.read(topic, 0 if after is None else after, limit)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""
+        return {
+            "connections": len(self._connections),
+            "subscriptions": self.hub.subscription_count,
+            "topics": self.hub.topic_count,
+            "queued_frames": sum(c.queued for c in self._connections),
+        }

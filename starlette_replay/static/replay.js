@@ -1,0 +1,2 @@
+// starlette_replay browser client: placeholder until the browser client lands.
+export const PROTOCOL = "replay.v1";

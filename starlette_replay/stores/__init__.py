@@ -1,0 +1,8 @@
+"""Event stores: the contract (:mod:`.base`) and one module per backend."""
+
+from __future__ import annotations
+
+from .base import Cursor, EventStore, LiveSink, Position
+from .memory import MemoryStore
+
+__all__ = ["Cursor", "EventStore", "LiveSink", "MemoryStore", "Position"]

@@ -1,0 +1,213 @@
+"""The embedded event store: one process, bounded, nothing on disk.
+
+Restarting the process loses the history; the next epoch tells clients so.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from itertools import islice
+
+from ..events import Event
+from .base import Cursor, LiveSink, Position
+
+__all__ = ["MemoryStore"]
+
+
+def new_epoch() -> str:
+    """A random epoch: 64 bits from ``secrets``, as 16 hex characters."""
+    return secrets.token_hex(8)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Topic:
+    __slots__ = ("epoch", "events", "head", "keys", "last_publish")
+
+    def __init__(self, history_size: int) -> None:
+        self.epoch = new_epoch()
+        self.head = 0
+        self.events: deque[Event] = deque(maxlen=history_size)
+        # idempotency key -> the events stored under it, oldest first in insertion order
+        self.keys: OrderedDict[str, list[Event]] = OrderedDict()
+        self.last_publish = time.monotonic()
+
+    def oldest(self) -> int:
+        return self.events[0].offset if self.events else self.head + 1
+
+
+class MemoryStore:
+    """Keeps each topic's last ``history_size`` events in this process's memory.
+
+    ``history_ttl`` (seconds): a topic not published to for that long is
+    forgotten. ``max_topics``: past it, the least recently published topic is
+    forgotten. A forgotten topic comes back in a new epoch. Topics with live
+    subscribers in this process are never forgotten by either rule, so that an
+    idle but watched topic keeps its epoch. ``max_cursors`` bounds the stored
+    cursors (least recently written forgotten first).
+
+    All methods run synchronously inside the event loop; they are safe to cancel.
+    """
+
+    def __init__(
+        self,
+        history_size: int = 10_000,
+        history_ttl: float | None = None,
+        max_topics: int = 100_000,
+        max_cursors: int = 100_000,
+    ) -> None:
+        for name, value in (
+            ("history_size", history_size),
+            ("max_topics", max_topics),
+            ("max_cursors", max_cursors),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if history_ttl is not None and (
+            isinstance(history_ttl, bool) or not isinstance(history_ttl, int | float) or not history_ttl > 0
+        ):
+            raise ValueError(f"history_ttl must be a positive number of seconds or None, not {history_ttl!r}")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.max_topics = max_topics
+        self.max_cursors = max_cursors
+        # least recently published first
+        self._topics: OrderedDict[str, _Topic] = OrderedDict()
+        self._live: set[str] = set()
+        self._cursors: OrderedDict[tuple[str, str], Cursor] = OrderedDict()
+        self._sink: LiveSink | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryStore(history_size={self.history_size}, history_ttl={self.history_ttl}, "
+            f"max_topics={self.max_topics})"
+        )
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connect(self, sink: LiveSink) -> AsyncIterator[None]:
+        if self._sink is not None:
+            raise RuntimeError("this MemoryStore is already connected to a hub")
+        self._sink = sink
+        try:
+            yield
+        finally:
+            self._sink = None
+            self._live.clear()
+
+    async def aclose(self) -> None:
+        self._sink = None
+
+    # --- live side ---------------------------------------------------------------
+
+    async def subscribe(self, topic: str) -> None:
+        # Appends deliver synchronously, so delivery is in force the moment the
+        # topic is in the set.
+        self._live.add(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._live.discard(topic)
+
+    # --- topics ------------------------------------------------------------------
+
+    def _expired(self, entry: _Topic, now: float) -> bool:
+        return self.history_ttl is not None and now - entry.last_publish >= self.history_ttl
+
+    def _get(self, topic: str, create: bool) -> _Topic | None:
+        entry = self._topics.get(topic)
+        if entry is not None and topic not in self._live and self._expired(entry, time.monotonic()):
+            del self._topics[topic]
+            entry = None
+        if entry is None and create:
+            entry = self._topics[topic] = _Topic(self.history_size)
+            self._forget_extra()
+        return entry
+
+    def _forget_extra(self) -> None:
+        """Drop expired topics, then the least recently published ones past ``max_topics``."""
+        now = time.monotonic()
+        if self.history_ttl is not None:
+            for name in list(islice(self._topics, 64)):
+                entry = self._topics[name]
+                if not self._expired(entry, now):
+                    break
+                if name not in self._live:
+                    del self._topics[name]
+        if len(self._topics) > self.max_topics:
+            for name in list(self._topics):
+                if len(self._topics) <= self.max_topics:
+                    break
+                if name not in self._live:
+                    del self._topics[name]
+
+    # --- the log -----------------------------------------------------------------
+
+    async def append(
+        self,
+        topic: str,
+        items: Sequence[tuple[str, str]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[Event]:
+        entry = self._get(topic, create=True)
+        assert entry is not None
+        if idempotency_key is not None:
+            seen = entry.keys.get(idempotency_key)
+            if seen is not None:
+                return list(seen)
+        stamp = now_ms()
+        first = entry.head + 1
+        events = [
+            Event(topic, entry.epoch, first + i, event_type, raw, stamp) for i, (event_type, raw) in enumerate(items)
+        ]
+        entry.head += len(events)
+        entry.events.extend(events)
+        entry.last_publish = time.monotonic()
+        self._topics.move_to_end(topic)
+        if idempotency_key is not None and events:
+            entry.keys[idempotency_key] = events
+            oldest = entry.oldest()
+            while entry.keys:
+                key, stored = next(iter(entry.keys.items()))
+                if stored[-1].offset >= oldest:
+                    break
+                del entry.keys[key]
+        sink = self._sink
+        if sink is not None and topic in self._live:
+            for event in events:
+                sink.deliver(event)
+        return events
+
+    async def read(self, topic: str, after: int, limit: int) -> list[Event]:
+        entry = self._get(topic, create=False)
+        if entry is None or not entry.events or limit <= 0:
+            return []
+        start = max(0, after + 1 - entry.events[0].offset)
+        return list(islice(entry.events, start, start + limit))
+
+    async def position(self, topic: str) -> Position:
+        entry = self._get(topic, create=True)
+        assert entry is not None
+        return Position(entry.epoch, entry.head, entry.oldest())
+
+    # --- cursors -----------------------------------------------------------------
+
+    async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
+        return self._cursors.get((identity, topic))
+
+    async def save_cursor(self, identity: str, topic: str, cursor: Cursor) -> None:
+        key = (identity, topic)
+        old = self._cursors.get(key)
+        if old is not None and old.epoch == cursor.epoch and old.offset >= cursor.offset:
+            return
+        self._cursors[key] = cursor
+        self._cursors.move_to_end(key)
+        while len(self._cursors) > self.max_cursors:
+            self._cursors.popitem(last=False)
