@@ -32,7 +32,7 @@ from websockets.typing import Origin, Subprotocol
 
 from starlette_replay.protocol import ErrorFrame, EventFrame, ServerFrame, Subscribed, parse_server_frame
 
-__all__ = ["Delivered", "Subscriber", "assert_exact", "open_socket"]
+__all__ = ["Delivered", "Subscriber", "abort_all", "assert_exact", "open_socket"]
 
 SUBPROTOCOLS = [Subprotocol("replay.v1")]
 
@@ -184,6 +184,12 @@ class Subscriber:
                 await ws.close()
         self.close_codes.append(ws.close_code)
 
+    def abort(self) -> None:
+        """Drop the TCP connection at once, without a close frame; for cleanup in ``finally``. Idempotent."""
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            ws.transport.abort()
+
     # --- receiving -----------------------------------------------------------------
 
     async def recv(self) -> ServerFrame:
@@ -264,6 +270,12 @@ class Subscriber:
 
     def offsets(self, topic: str) -> list[int]:
         return [d.offset for d in self.delivered[topic]]
+
+
+def abort_all(subscribers: Iterable[Subscriber]) -> None:
+    """:meth:`Subscriber.abort` each one: a test's ``finally``, so a failure leaks no socket."""
+    for sub in subscribers:
+        sub.abort()
 
 
 def assert_exact(
