@@ -82,6 +82,7 @@ class UvicornServer:
         graceful_timeout: int = 3,
         extra_args: tuple[str, ...] = (),
         name: str = "server",
+        allow_errors: bool = False,
     ) -> None:
         self.log_path = log_path
         self.app = app
@@ -93,6 +94,7 @@ class UvicornServer:
         self.graceful_timeout = graceful_timeout
         self.extra_args = extra_args
         self.name = name
+        self.allow_errors = allow_errors
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -295,6 +297,11 @@ class UvicornServer:
         except FileNotFoundError:
             return ""
 
+    def log_errors(self) -> list[str]:
+        """Log lines that tell of a server-side failure: tracebacks and ERROR/CRITICAL records."""
+        markers = ("Traceback (most recent call last)", "ERROR:", "CRITICAL:")
+        return [line for line in self.log_text().splitlines() if any(m in line for m in markers)]
+
     def log_tail(self, chars: int = _LOG_TAIL) -> str:
         text = self.log_text()
         return text if len(text) <= chars else "...\n" + text[-chars:]
@@ -309,6 +316,8 @@ def uvicorn_servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 
     Each server logs to ``tmp_path / f"{name}.log"``; every server is stopped
     after the test, and a failing test shows their logs (with the report hook).
+    A server whose log shows a traceback or an ERROR record fails the test at
+    teardown, unless it was made with ``allow_errors=True``.
     """
     servers: list[UvicornServer] = []
     request.node.stash[_STASH_SERVERS] = servers
@@ -326,6 +335,10 @@ def uvicorn_servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     finally:
         for server in servers:
             server.stop()
+    errors = {server.name: server.log_errors() for server in servers if not server.allow_errors}
+    errors = {name: lines for name, lines in errors.items() if lines}
+    if errors:
+        pytest.fail(f"server-side errors in the logs (allow_errors=True if expected): {errors}", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,6 +18,8 @@ Configured by environment variables (all optional):
     Comma-separated; unset means same-origin only.
 ``REPLAY_FORBIDDEN_PREFIX``
     Topics starting with it are refused by ``authorize`` (default ``forbidden``).
+``REPLAY_LOG_LEVEL``
+    Level of the ``starlette_replay`` loggers, written to stderr (default ``INFO``).
 
 The identity (for stored cursors) is the ``identity`` query parameter, if any;
 ``identity=refuse`` refuses the handshake.
@@ -167,8 +169,19 @@ def _replay_options() -> dict[str, Any]:
     return options
 
 
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    for name in ("starlette_replay", "tests"):
+        named = logging.getLogger(name)
+        named.handlers = [handler]
+        named.setLevel(os.environ.get("REPLAY_LOG_LEVEL", "INFO"))
+        named.propagate = False
+
+
 def make_app() -> Starlette:
     """Build the test app from the environment (see the module docstring)."""
+    _configure_logging()
     forbidden_prefix = os.environ.get("REPLAY_FORBIDDEN_PREFIX", "forbidden")
 
     def authorize(websocket: WebSocket, topic: str) -> bool:
