@@ -12,7 +12,8 @@ Configured by environment variables (all optional):
     Seconds to sleep in every ``store.read()`` call (wraps the store): widens
     the replay -> live hand-off on purpose.
 ``REPLAY_SEND_QUEUE_SIZE``, ``REPLAY_MAX_MESSAGE_SIZE``, ``REPLAY_HEARTBEAT``,
-``REPLAY_PAGE_SIZE``, ``REPLAY_MAX_FRAME_RATE``, ``REPLAY_FRAME_BURST``, ``REPLAY_CLOSE_TIMEOUT``
+``REPLAY_PAGE_SIZE``, ``REPLAY_MAX_FRAME_RATE``, ``REPLAY_FRAME_BURST``, ``REPLAY_CLOSE_TIMEOUT``,
+``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``
     The matching ``Replay`` options.
 ``REPLAY_ALLOWED_ORIGINS``
     Comma-separated; unset means same-origin only.
@@ -154,6 +155,8 @@ def _replay_options() -> dict[str, Any]:
         ("REPLAY_MAX_MESSAGE_SIZE", "max_message_size"),
         ("REPLAY_PAGE_SIZE", "replay_page_size"),
         ("REPLAY_FRAME_BURST", "frame_burst"),
+        ("REPLAY_MAX_BAD_FRAMES", "max_bad_frames"),
+        ("REPLAY_MAX_SUBSCRIPTIONS", "max_subscriptions"),
     ):
         if (number := _env_int(env)) is not None:
             options[name] = number
@@ -161,6 +164,7 @@ def _replay_options() -> dict[str, Any]:
         ("REPLAY_HEARTBEAT", "heartbeat_interval"),
         ("REPLAY_MAX_FRAME_RATE", "max_frame_rate"),
         ("REPLAY_CLOSE_TIMEOUT", "close_timeout"),
+        ("REPLAY_BAD_FRAMES_WINDOW", "bad_frames_window"),
     ):
         if (seconds := _env_float(env)) is not None:
             options[name] = seconds

@@ -21,18 +21,19 @@ import asyncio
 import json
 import socket
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin, Subprotocol
 
 from starlette_replay.protocol import ErrorFrame, EventFrame, ServerFrame, Subscribed, parse_server_frame
 
-__all__ = ["Delivered", "Subscriber", "abort_all", "assert_exact", "open_socket"]
+__all__ = ["Delivered", "Subscriber", "abort_all", "assert_exact", "open_socket", "wait_for_stats"]
 
 SUBPROTOCOLS = [Subprotocol("replay.v1")]
 
@@ -307,3 +308,19 @@ def assert_exact(
             if epochs - {epoch}:
                 problems.append(f"{sub.name} {topic}: events from epochs {epochs}, want {epoch}")
     assert not problems, "\n".join(problems[:50])
+
+
+async def wait_for_stats(
+    http: httpx.AsyncClient, predicate: Callable[[dict[str, int]], bool], within: float = 10.0
+) -> dict[str, int]:
+    """Poll the test app's ``GET /stats`` until ``predicate`` holds; returns those stats.
+
+    The server is another process: there is no event to wait on, only its
+    answers. Raises ``TimeoutError`` after ``within`` seconds.
+    """
+    with anyio.fail_after(within):
+        while True:
+            stats: dict[str, int] = (await http.get("/stats")).json()
+            if predicate(stats):
+                return stats
+            await anyio.sleep(0.02)

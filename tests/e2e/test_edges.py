@@ -148,3 +148,47 @@ async def test_sigterm_closes_clients_with_1012_or_1001_and_they_resume_in_a_new
                 (1, "new"),
                 (2, "new"),
             ]
+
+
+async def test_idle_connection_gets_heartbeat_pings(uvicorn_servers: ServerFactory) -> None:
+    server = uvicorn_servers(env={"REPLAY_HEARTBEAT": 0.2})
+    async with await open_socket(server.ws_url()) as ws:
+        assert await recv(ws) == {"type": "ping"}
+        await send(ws, {"type": "ping", "ref": 7})
+        assert await recv(ws) == {"type": "pong", "ref": 7}
+        assert await recv(ws) == {"type": "ping"}
+
+
+async def test_frame_flood_is_rate_limited_then_closed_1008(uvicorn_servers: ServerFactory) -> None:
+    server = uvicorn_servers(env={"REPLAY_MAX_FRAME_RATE": 1, "REPLAY_FRAME_BURST": 5})
+    async with await open_socket(server.ws_url()) as ws:
+        for n in range(20):
+            await send(ws, {"type": "ping", "ref": n})
+        replies: list[dict[str, Any]] = []
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    replies.append(json.loads(await ws.recv()))
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None and exc.rcvd.code == 1008
+    # The burst is served, the debt of one more burst is refused with rate_limited, then the close.
+    assert replies[:5] == [{"type": "pong", "ref": n} for n in range(5)]
+    assert {(r["type"], r.get("code")) for r in replies[5:]} == {("error", "rate_limited")}
+    assert len(replies) <= 11
+
+
+async def test_bad_frames_past_the_budget_close_1008(uvicorn_servers: ServerFactory) -> None:
+    server = uvicorn_servers(env={"REPLAY_MAX_BAD_FRAMES": 3})
+    async with await open_socket(server.ws_url()) as ws:
+        await ws.send(b"\x00binary")
+        error = await recv(ws)
+        assert (error["type"], error["code"]) == ("error", "bad_request")
+        await ws.send("not json")
+        await send(ws, {"type": "subscribe", "topic": "bad topic!", "ref": "t"})
+        codes = [(await recv(ws))["code"], (await recv(ws))["code"]]
+        assert codes == ["bad_request", "bad_request"]
+        await send(ws, {"type": "ping", "ref": "still-open"})
+        assert await recv(ws) == {"type": "pong", "ref": "still-open"}
+        await send(ws, {"type": "nonsense"})
+        code, _ = await closed_with(ws)
+        assert code == 1008

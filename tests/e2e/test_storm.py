@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.e2e.client import Subscriber, abort_all, assert_exact
+from tests.e2e.client import Subscriber, abort_all, assert_exact, wait_for_stats
 from tests.servers import ServerFactory, UvicornServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -23,16 +23,6 @@ TOPICS = [f"storm:{n}" for n in range(4)]
 CLIENTS = 12
 ROUNDS = 250  # events per topic
 INTERVAL = 0.008  # seconds between rounds: ~2-3 s of publishing
-
-
-async def wait_idle(http: httpx.AsyncClient) -> dict[str, int]:
-    """Poll the server's stats until every connection is gone (the server notices closes asynchronously)."""
-    with anyio.fail_after(10):
-        while True:
-            stats: dict[str, int] = (await http.get("/stats")).json()
-            if stats["connections"] == 0:
-                return stats
-            await anyio.sleep(0.05)  # an external process's state: nothing to wait on but its answer
 
 
 async def storm_client(client: Subscriber, rng: random.Random, publishing: anyio.Event) -> int:
@@ -93,7 +83,7 @@ async def test_reconnect_storm_loses_and_duplicates_nothing(uvicorn_servers: Ser
                 async with anyio.create_task_group() as tg:
                     for client in clients:
                         tg.start_soon(final, client)
-                stats = await wait_idle(http)
+                stats = await wait_for_stats(http, lambda stats: stats["connections"] == 0)
     finally:
         abort_all(clients)
 
