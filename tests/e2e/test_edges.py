@@ -192,3 +192,24 @@ async def test_bad_frames_past_the_budget_close_1008(uvicorn_servers: ServerFact
         await send(ws, {"type": "nonsense"})
         code, _ = await closed_with(ws)
         assert code == 1008
+
+
+async def test_unsubscribe_stops_one_topic_and_not_the_other(uvicorn_servers: ServerFactory) -> None:
+    server = uvicorn_servers()
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=5.0) as http:
+        async with await open_socket(server.ws_url()) as ws:
+            for topic in ("a", "b"):
+                await send(ws, {"type": "subscribe", "topic": topic})
+                assert (await recv(ws))["type"] == "subscribed"
+            await http.post("/publish", json={"topic": "a", "count": 1})
+            assert (await recv(ws))["topic"] == "a"
+            await send(ws, {"type": "unsubscribe", "topic": "a", "ref": "u"})
+            assert await recv(ws) == {"type": "unsubscribed", "topic": "a", "ref": "u"}
+            await http.post("/publish", json={"topic": "a", "count": 3})
+            await http.post("/publish", json={"topic": "b", "count": 2})
+            assert [((f := await recv(ws))["topic"], f["offset"]) for _ in range(2)] == [("b", 1), ("b", 2)]
+            await send(ws, {"type": "unsubscribe", "topic": "a", "ref": "again"})
+            error = await recv(ws)
+            assert (error["code"], error["topic"], error["ref"]) == ("not_subscribed", "a", "again")
+            stats = (await http.get("/stats")).json()
+            assert (stats["subscriptions"], stats["topics"]) == (1, 1)
