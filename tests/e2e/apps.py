@@ -63,7 +63,7 @@ from starlette.websockets import WebSocket
 from starlette_replay import Cursor, Event, EventStore, MemoryStore, Position, RedisStore, Refused, Replay
 from starlette_replay.stores.base import LiveSink
 
-__all__ = ["SlowReadStore", "make_app", "make_store"]
+__all__ = ["SlowReadStore", "make_app", "make_fastapi_app", "make_store"]
 
 logger = logging.getLogger("tests.e2e.apps")
 
@@ -307,3 +307,37 @@ def make_app() -> Starlette:
         ],
         lifespan=lifespan,
     )
+
+
+def make_fastapi_app() -> Any:
+    """A FastAPI app on the same environment: the route via ``add_api_websocket_route``, publishing
+    through ``Depends(replay.publisher)`` from an ``async def`` handler and with ``publish_sync`` from a
+    ``def`` handler (FastAPI runs it in a worker thread).
+
+    Routes: ``GET /health``, ``POST /fastapi/publish?topic=&tag=`` (async),
+    ``POST /fastapi/publish-sync?topic=&tag=`` (sync); each answers ``{"epoch", "offset"}``.
+    """
+    from fastapi import Depends, FastAPI
+
+    from starlette_replay import Publisher, allow_all
+
+    _configure_logging()
+    replay = Replay(make_store(), authorize=allow_all, **_replay_options())
+    app = FastAPI(lifespan=replay.lifespan)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"pid": os.getpid(), "store": repr(replay.store)}
+
+    @app.post("/fastapi/publish")
+    async def publish(topic: str, tag: str, publisher: Publisher = Depends(replay.publisher)) -> dict[str, Any]:  # noqa: B008
+        event = await publisher.publish(topic, "note", {"tag": tag, "via": "async"})
+        return {"epoch": event.epoch, "offset": event.offset}
+
+    @app.post("/fastapi/publish-sync")
+    def publish_sync(topic: str, tag: str, publisher: Publisher = Depends(replay.publisher)) -> dict[str, Any]:  # noqa: B008
+        event = publisher.publish_sync(topic, "note", {"tag": tag, "via": "sync"})
+        return {"epoch": event.epoch, "offset": event.offset}
+
+    app.add_api_websocket_route("/ws", replay.endpoint)
+    return app

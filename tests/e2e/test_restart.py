@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import anyio
 import httpx
 import pytest
@@ -61,3 +63,31 @@ async def test_sigkill_then_restart_resume_reports_the_lost_history(uvicorn_serv
         assert client.violations == []
         got = [(d.epoch, d.offset, d.data["tag"]) for d in client.delivered[TOPIC]]
         assert got == [(old["epoch"], n, "old") for n in range(1, 6)] + [(new["epoch"], n, "new") for n in (1, 2)]
+
+
+async def test_sigterm_with_a_stalled_client_still_exits(uvicorn_servers: ServerFactory) -> None:
+    """A client that stopped reading cannot hold the server up past uvicorn's graceful timeout.
+
+    (uvicorn logs an ERROR there: the stalled socket's close frame cannot be
+    flushed, so it gives up on the connection once the graceful timeout is over.)
+    """
+    server = uvicorn_servers(env={"REPLAY_SEND_QUEUE_SIZE": 100_000}, graceful_timeout=2, allow_errors=True)
+    stalled = Subscriber(server.ws_url(), [TOPIC], name="stalled", socket_options={"rcvbuf": 4096, "max_queue": 1})
+    try:
+        with anyio.fail_after(30):
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=10.0) as http:
+                await stalled.connect()
+                assert isinstance(await stalled.recv(), Subscribed)
+                for _ in range(5):
+                    await http.post("/publish", json={"topic": TOPIC, "count": 100, "size": 16_000})
+                stats = (await http.get("/stats")).json()
+                assert stats["queued_frames"] > 0  # the writer is stuck on the stalled socket
+            server.terminate()
+            started = anyio.current_time()
+            assert await server.await_exit(within=15) in (0, -signal.SIGTERM)
+            assert anyio.current_time() - started < 2 + 5
+    finally:
+        abort_all([stalled])
+    log = server.log_text()
+    assert "Application shutdown complete" in log
+    assert [line for line in server.log_errors() if "timeout graceful shutdown exceeded" not in line] == []
