@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import subprocess
+import sys
 import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -102,6 +105,24 @@ async def subscribe(ws: AsyncWebSocketSession, topic: str, **fields: Any) -> dic
 
 def test_marked_blocks_are_the_tested_ones() -> None:
     assert set(readme_blocks()) == TESTED
+
+
+@pytest.mark.parametrize("name", sorted(TESTED))
+def test_block_is_clean_for_ruff(name: str) -> None:
+    """Examples are held to the project's own ruff rules and format (pyproject.toml)."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff is not None
+    code = readme_blocks()[name] + "\n"
+    for command in (["check", "--quiet"], ["format", "--diff"]):
+        result = subprocess.run(
+            [ruff, *command, "--stdin-filename", f"readme_{name.replace('-', '_')}.py", "-"],
+            input=code,
+            capture_output=True,
+            text=True,
+            cwd=README.parent,
+            timeout=60,
+        )
+        assert result.returncode == 0, f"ruff {command[0]} on README block {name!r}:\n{result.stdout}{result.stderr}"
 
 
 async def test_starlette_quickstart() -> None:
