@@ -154,4 +154,5 @@ client.subscribe(topic, {
   },
 });
 client.connect();
+window.demo = { client }; // for the browser console (and the browser tests)
 document.body.dataset.ready = "true";

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,64 +32,95 @@ CHROMIUM_ARGS = [
 REPO = Path(__file__).resolve().parents[2]
 
 
-@dataclass
 class DemoServer:
-    url: str
-    log: Path
+    """``python -m example_app`` serving a listening socket that this object keeps.
 
+    The socket is bound once (port 0, so no race for a free port) and handed to
+    each server process, so :meth:`restart` keeps the address: connections made
+    while no process runs wait in the backlog.
+    """
 
-@pytest.fixture
-def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
-    """``python -m example_app`` on a socket bound here (port 0: no race for a port), agent delay 1 s."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "example_app", "--fd", str(sock.fileno()), "--agent-delay", "1.0"],
-        cwd=REPO,
-        env=env,
-        pass_fds=[sock.fileno()],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    sock.close()  # the child holds it now
-    started = threading.Event()
+    def __init__(self, tmp_path: Path, agent_delay: float) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.tmp_path = tmp_path
+        self.agent_delay = agent_delay
+        self.runs = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.reader: threading.Thread | None = None
 
-    def pump() -> None:
-        # Copies the server's log to a file and notices when startup is complete.
-        assert proc.stderr is not None
-        with log.open("w") as out:
-            for line in proc.stderr:
-                out.write(line)
-                out.flush()
-                if "Application startup complete" in line:
-                    started.set()
+    @property
+    def log(self) -> Path:
+        return self.tmp_path / f"server-{self.runs}.log"
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
+    def start(self) -> None:
+        self.runs += 1
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        fd = self.sock.fileno()
+        cmd = [sys.executable, "-m", "example_app", "--fd", str(fd), "--agent-delay", str(self.agent_delay)]
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, pass_fds=[fd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self.proc = proc
+        started = threading.Event()
+        log = self.log
+
+        def pump() -> None:
+            # Copies the server's log to a file and notices when startup is complete.
+            assert proc.stderr is not None
+            with log.open("w") as out:
+                for line in proc.stderr:
+                    out.write(line)
+                    out.flush()
+                    if "Application startup complete" in line:
+                        started.set()
+
+        self.reader = threading.Thread(target=pump, daemon=True)
+        self.reader.start()
         if not started.wait(timeout=30):
+            self.stop()
             pytest.fail(f"the demo app did not start within 30 s:\n{log.read_text()}")
-        yield DemoServer(f"http://127.0.0.1:{port}", log)
-    finally:
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
-        reader.join(timeout=5)
+        if self.reader is not None:
+            self.reader.join(timeout=5)
         if proc.stderr is not None:
             proc.stderr.close()
 
+    def restart(self) -> None:
+        """Stop the server (uvicorn closes sockets with 1012) and start a new one: a new memory store."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self.sock.close()
+
 
 @pytest.fixture
-async def browser() -> AsyncIterator[object]:
+def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
+    """The demo app with a 1 s agent delay, on 127.0.0.1 and a port of its own."""
+    server = DemoServer(tmp_path, agent_delay=1.0)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
     """A headless Debian Chromium driven by Playwright (never a downloaded browser)."""
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} not found: `make system` (or apt-get install chromium) installs it")

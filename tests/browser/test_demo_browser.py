@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page
 from websockets.asyncio.client import connect
 
 from .conftest import DemoServer
@@ -65,24 +65,37 @@ def assert_exactly_once(state: dict[str, Any]) -> None:
     assert len(offsets) == 7  # user_message, working, 4 log lines, answer
 
 
+async def open_page(browser: Browser, server: DemoServer) -> tuple[BrowserContext, Page, list[str]]:
+    """A fresh browser context on the demo page, connected; the list collects page errors and console errors."""
+    context = await browser.new_context(viewport={"width": 1100, "height": 720})
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
+
+    def on_console(msg: ConsoleMessage) -> None:
+        if msg.type in ("error", "warning"):
+            problems.append(f"console.{msg.type}: {msg.text}")
+
+    page.on("console", on_console)
+    await page.goto(server.url)
+    await page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
+    await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
+    return context, page, problems
+
+
+async def send_and_wait_for_answer(page: Page, count: int = 1) -> None:
+    await page.fill("#text", MESSAGE)
+    await page.click("#send")
+    await page.wait_for_function(
+        f"document.querySelectorAll('#messages .msg.agent.done').length >= {count}", timeout=WAIT_MS
+    )
+
+
 async def test_answer_published_while_offline_arrives_once(
     browser: Browser, demo_server: DemoServer, tmp_path: Path
 ) -> None:
     with anyio.fail_after(90):
-        context = await browser.new_context(viewport={"width": 1100, "height": 720})
-        page = await context.new_page()
-        problems: list[str] = []
-        page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
-
-        def on_console(msg: ConsoleMessage) -> None:
-            if msg.type in ("error", "warning"):
-                problems.append(f"console.{msg.type}: {msg.text}")
-
-        page.on("console", on_console)
-
-        await page.goto(demo_server.url)
-        await page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
-        await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
+        context, page, problems = await open_page(browser, demo_server)
         (cookie,) = [c for c in await context.cookies() if c["name"] == "uid"]
 
         # Cut the socket first, then write: the whole answer is published while offline.
@@ -116,4 +129,29 @@ async def test_answer_published_while_offline_arrives_once(
         await page.screenshot(path=str(tmp_path / "3-reloaded.png"), full_page=True)
 
         assert problems == []
+        await context.close()
+
+
+async def test_server_restart_with_lost_history_is_reported_as_a_gap(
+    browser: Browser, demo_server: DemoServer, tmp_path: Path
+) -> None:
+    """uvicorn closes with 1012 on shutdown: the page reconnects by itself. The new process has a new
+    memory store (a new epoch), so the resumed subscription is not recovered and the page says so."""
+    with anyio.fail_after(120):
+        context, page, problems = await open_page(browser, demo_server)
+        await send_and_wait_for_answer(page)
+        assert_exactly_once(await dom_state(page))
+
+        await anyio.to_thread.run_sync(demo_server.restart)
+        await page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
+        await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
+        assert "history was reset" in await page.inner_text("#notice")
+        assert await page.evaluate("window.demo.client.stats.connects") == 2
+        emptied = await dom_state(page)
+        assert emptied["offsets"] == [], "the new epoch has no events; the old view was cleared"
+
+        await send_and_wait_for_answer(page)
+        assert_exactly_once(await dom_state(page))
+        await page.screenshot(path=str(tmp_path / "after-restart.png"))
+        assert [p for p in problems if p.startswith("pageerror")] == []
         await context.close()
