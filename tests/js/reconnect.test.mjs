@@ -210,3 +210,25 @@ test("subscribe() connects on first use unless autoConnect is false", () => {
   t.client.connect();
   assert.equal(t.sockets.length, 1);
 });
+
+test("the window's online event retries at once while waiting; close() removes the listener", () => {
+  const listeners = new Map();
+  globalThis.addEventListener = (type, fn) => listeners.set(type, fn);
+  globalThis.removeEventListener = (type, fn) => listeners.get(type) === fn && listeners.delete(type);
+  try {
+    const t = setup({ random: () => 0.9999, client: { backoff } });
+    collect(t.client, "t");
+    t.ws().accept();
+    t.ws().serverClose(1006);
+    assert.equal(t.sockets.length, 1);
+    listeners.get("online")();
+    assert.equal(t.sockets.length, 2, "no wait for the backoff");
+    listeners.get("online")(); // already dialing: nothing more
+    assert.equal(t.sockets.length, 2);
+    t.client.close();
+    assert.equal(listeners.has("online"), false);
+  } finally {
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
