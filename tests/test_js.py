@@ -30,3 +30,12 @@ def test_replay_js_unit_tests() -> None:
     assert "# fail 0" in report, report[-4000:]
     passed = [line for line in report.splitlines() if line.startswith("# pass ")]
     assert passed and int(passed[-1].split()[-1]) >= 40, report[-4000:]
+
+
+def test_client_speaks_the_servers_subprotocol() -> None:
+    from starlette_replay.protocol import SUBPROTOCOL
+
+    source = (Path(__file__).parents[1] / "starlette_replay" / "static" / "replay.js").read_text()
+    assert f'export const PROTOCOL = "{SUBPROTOCOL}";' in source
+    declarations = (Path(__file__).parents[1] / "starlette_replay" / "static" / "replay.d.ts").read_text()
+    assert f'export declare const PROTOCOL: "{SUBPROTOCOL}";' in declarations

@@ -146,7 +146,7 @@ async def test_server_restart_with_lost_history_is_reported_as_a_gap(
         await page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
         await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
         assert "history was reset" in await page.inner_text("#notice")
-        assert await page.evaluate("window.demo.client.stats.connects") == 2
+        assert await page.evaluate("window.demo.client.stats.connects") >= 2
         emptied = await dom_state(page)
         assert emptied["offsets"] == [], "the new epoch has no events; the old view was cleared"
 

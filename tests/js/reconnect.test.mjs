@@ -232,3 +232,39 @@ test("the window's online event retries at once while waiting; close() removes t
     delete globalThis.removeEventListener;
   }
 });
+
+test("an async protocols function is awaited; close() while it is pending opens nothing", async () => {
+  let release;
+  const t = setup({ client: { protocols: () => new Promise((resolve) => (release = resolve)) } });
+  collect(t.client, "t");
+  assert.equal(t.sockets.length, 0);
+  release(["token.1"]);
+  await new Promise(setImmediate);
+  assert.deepEqual(t.ws().protocols, ["replay.v1", "token.1"]);
+  t.ws().accept();
+  t.ws().serverClose(1012);
+  t.timers.advance(1000);
+  t.client.close();
+  release(["token.2"]);
+  await new Promise(setImmediate);
+  assert.equal(t.sockets.length, 1, "closed before the token came: no socket");
+  assert.equal(t.client.state, "closed");
+});
+
+test("a rejected protocols promise stops the client with a config error", async () => {
+  const t = setup({ client: { protocols: () => Promise.reject(new Error("no token")) } });
+  collect(t.client, "t");
+  await new Promise(setImmediate);
+  assert.equal(t.client.state, "closed");
+  assert.equal(t.errors.at(-1).kind, "config");
+  assert.match(t.errors.at(-1).message, /no token/);
+});
+
+test("a url function is called before every attempt", () => {
+  let n = 0;
+  const t = setup({ url: () => `ws://test/ws?attempt=${++n}` });
+  collect(t.client, "t");
+  t.ws().refuse();
+  t.timers.advance(1000);
+  assert.deepEqual(t.sockets.map((ws) => ws.url), ["ws://test/ws?attempt=1", "ws://test/ws?attempt=2"]);
+});
