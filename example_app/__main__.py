@@ -21,10 +21,16 @@ def main(argv: list[str] | None = None) -> None:
         default=float(os.environ.get("AGENT_DELAY", "3.0")),
         help="seconds before the agent's answer is published (default 3, or AGENT_DELAY)",
     )
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(os.environ.get("HEARTBEAT", "25")),
+        help="seconds of silence before the server pings; the page treats twice that as a dead socket",
+    )
     parser.add_argument("--fd", type=int, default=None, help="serve on this already-bound socket (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(agent_delay=args.agent_delay)
+    app = create_app(agent_delay=args.agent_delay, heartbeat_interval=args.heartbeat)
     if args.fd is not None:
         uvicorn.run(app, fd=args.fd, log_level="info")
     else:

@@ -91,7 +91,9 @@ def make_store() -> EventStore:
     return MemoryStore()
 
 
-def create_app(*, agent_delay: float = 3.0, store: EventStore | None = None) -> Starlette:
+def create_app(
+    *, agent_delay: float = 3.0, store: EventStore | None = None, heartbeat_interval: float = 25.0
+) -> Starlette:
     """The demo app. ``agent_delay``: seconds before the agent's answer is published."""
 
     def authorize(websocket: WebSocket, topic: str) -> bool:
@@ -104,7 +106,12 @@ def create_app(*, agent_delay: float = 3.0, store: EventStore | None = None) -> 
             raise Refused("no uid cookie")
         return uid
 
-    replay = Replay(store if store is not None else make_store(), authorize=authorize, identify=identify)
+    replay = Replay(
+        store if store is not None else make_store(),
+        authorize=authorize,
+        identify=identify,
+        heartbeat_interval=heartbeat_interval,
+    )
     task_group: TaskGroup | None = None
     # Client ids of messages already handed to the agent (a retried POST is stored
     # once thanks to the idempotency key, and must not wake the agent twice).
@@ -152,6 +159,7 @@ def create_app(*, agent_delay: float = 3.0, store: EventStore | None = None) -> 
                 "cursor": {"epoch": position.epoch, "offset": position.head},
                 "events": events,
                 "agent_delay": agent_delay,
+                "heartbeat_interval": heartbeat_interval,
             }
         )
 

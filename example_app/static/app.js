@@ -8,7 +8,15 @@ const statusEl = $("status");
 let offlineTimer = null;
 let offlineUntil = 0;
 
-const client = new ReplayClient("/ws", { autoConnect: false });
+// The snapshot: what the topic holds now, and the cursor it ends at.
+const snapshot = await (await fetch("/api/history")).json();
+const topic = snapshot.topic;
+const offlineMs = Math.round((snapshot.agent_delay + 3) * 1000);
+
+const client = new ReplayClient("/ws", {
+  autoConnect: false,
+  heartbeatInterval: snapshot.heartbeat_interval * 1000, // must match the server's
+});
 
 // --- rendering: one element per event, tagged with its offset ------------------------
 
@@ -126,11 +134,8 @@ $("compose").addEventListener("submit", async (ev) => {
   li.classList.add("failed");
 });
 
-// --- start: snapshot, then the stream from the snapshot's cursor ----------------------
+// --- start: the snapshot, then the stream from the snapshot's cursor -------------------
 
-const snapshot = await (await fetch("/api/history")).json();
-const topic = snapshot.topic;
-const offlineMs = Math.round((snapshot.agent_delay + 3) * 1000);
 for (const e of snapshot.events) render({ ...e, topic, live: false });
 
 client.subscribe(topic, {

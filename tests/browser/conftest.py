@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,13 +41,14 @@ class DemoServer:
     while no process runs wait in the backlog.
     """
 
-    def __init__(self, tmp_path: Path, agent_delay: float) -> None:
+    def __init__(self, tmp_path: Path, agent_delay: float, heartbeat: float = 25.0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.tmp_path = tmp_path
         self.agent_delay = agent_delay
+        self.heartbeat = heartbeat
         self.runs = 0
         self.proc: subprocess.Popen[str] | None = None
         self.reader: threading.Thread | None = None
@@ -59,7 +61,8 @@ class DemoServer:
         self.runs += 1
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         fd = self.sock.fileno()
-        cmd = [sys.executable, "-m", "example_app", "--fd", str(fd), "--agent-delay", str(self.agent_delay)]
+        cmd = [sys.executable, "-m", "example_app", "--fd", str(fd)]
+        cmd += ["--agent-delay", str(self.agent_delay), "--heartbeat", str(self.heartbeat)]
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, pass_fds=[fd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -87,6 +90,7 @@ class DemoServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        proc.send_signal(signal.SIGCONT)  # in case a test left it paused
         proc.terminate()
         try:
             proc.wait(timeout=15)
@@ -97,6 +101,15 @@ class DemoServer:
             self.reader.join(timeout=5)
         if proc.stderr is not None:
             proc.stderr.close()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): its sockets stay open and silent, like a dead network path."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         """Stop the server (uvicorn closes sockets with 1012) and start a new one: a new memory store."""
@@ -112,6 +125,17 @@ class DemoServer:
 def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
     """The demo app with a 1 s agent delay, on 127.0.0.1 and a port of its own."""
     server = DemoServer(tmp_path, agent_delay=1.0)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def quiet_server(tmp_path: Path) -> Iterator[DemoServer]:
+    """The demo app with a 0.5 s heartbeat: a page notices a silent socket within a second."""
+    server = DemoServer(tmp_path, agent_delay=0.5, heartbeat=0.5)
     try:
         server.start()
         yield server

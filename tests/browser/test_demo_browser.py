@@ -155,3 +155,24 @@ async def test_server_restart_with_lost_history_is_reported_as_a_gap(
         await page.screenshot(path=str(tmp_path / "after-restart.png"))
         assert [p for p in problems if p.startswith("pageerror")] == []
         await context.close()
+
+
+async def test_silent_socket_is_detected_by_the_heartbeat(
+    browser: Browser, quiet_server: DemoServer, tmp_path: Path
+) -> None:
+    """A frozen server keeps the TCP connection open and sends nothing (a dead network path looks the
+    same): the page gives up on the socket after twice the heartbeat interval, and reconnects once the
+    server answers again."""
+    with anyio.fail_after(120):
+        context, page, problems = await open_page(browser, quiet_server)
+        quiet_server.pause()
+        try:
+            await page.wait_for_selector("#status[data-state=reconnecting]", timeout=WAIT_MS)
+        finally:
+            quiet_server.resume()
+        await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
+        assert await page.evaluate("window.demo.client.stats.connects") >= 2
+        await send_and_wait_for_answer(page)
+        assert_exactly_once(await dom_state(page))
+        assert [p for p in problems if p.startswith("pageerror")] == []
+        await context.close()
