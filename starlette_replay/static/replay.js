@@ -307,7 +307,13 @@ export class ReplayClient {
       try {
         ws.close(code, reason);
       } catch {
-        // already closing
+        // A code a browser refuses (not 1000 or 3000-4999) or a reason over 123 bytes:
+        // close anyway, or the socket would stay open, unowned.
+        try {
+          ws.close();
+        } catch {
+          // closing already
+        }
       }
     }
     if (this._state !== "closed") this._setState("closed", { code, reason, byClient: true });

@@ -73,6 +73,10 @@ export class FakeWebSocket {
     this.sent.push(JSON.parse(text));
   }
   close(code, reason) {
+    // As browsers do: only 1000 and 3000-4999 may be sent by a page.
+    if (code !== undefined && code !== 1000 && !(code >= 3000 && code <= 4999)) {
+      throw new Error(`InvalidAccessError: close code ${code}`);
+    }
     this.closedWith = { code, reason };
     this.readyState = 2;
   }

@@ -268,3 +268,12 @@ test("a url function is called before every attempt", () => {
   t.timers.advance(1000);
   assert.deepEqual(t.sockets.map((ws) => ws.url), ["ws://test/ws?attempt=1", "ws://test/ws?attempt=2"]);
 });
+
+test("close() with a code a browser refuses still closes the socket", () => {
+  const t = setup();
+  collect(t.client, "t");
+  t.ws().accept();
+  t.client.close(1001, "going away");
+  assert.deepEqual(t.ws().closedWith, { code: undefined, reason: undefined });
+  assert.equal(t.client.state, "closed");
+});
