@@ -234,6 +234,7 @@ export class ReplayClient {
     this._attempt = 0;
     this._failures = 0;
     this._openedAt = 0;
+    this._lastFrameAt = 0;
     this._refSeq = 0;
     this._storageFailed = false;
     /** @type {any} */ this._retryTimer = null;
@@ -521,15 +522,25 @@ export class ReplayClient {
     this._emit("error", { kind: "config", message, error });
   }
 
-  /** @internal */
+  /**
+   * Note that a frame arrived; the watchdog closes the socket after twice the heartbeat
+   * interval without one. One timer per silence, not one per frame: it re-arms itself
+   * for the time left when frames came meanwhile.
+   * @internal
+   */
   _armWatchdog() {
     if (!(this._heartbeatInterval > 0)) return;
-    this._clear("_watchdog");
+    this._lastFrameAt = this._now();
+    if (this._watchdog !== null) return;
     const ws = this._ws;
-    this._watchdog = this._setTimeout(() => {
+    const limit = 2 * this._heartbeatInterval;
+    const check = () => {
       this._watchdog = null;
-      this._abandon(ws, "heartbeat timeout");
-    }, 2 * this._heartbeatInterval);
+      const silent = this._now() - this._lastFrameAt;
+      if (silent < limit) this._watchdog = this._setTimeout(check, limit - silent);
+      else this._abandon(ws, "heartbeat timeout");
+    };
+    this._watchdog = this._setTimeout(check, limit);
   }
 
   /** @internal @param {Record<string, unknown>} frame @returns {boolean} */

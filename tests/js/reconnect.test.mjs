@@ -277,3 +277,18 @@ test("close() with a code a browser refuses still closes the socket", () => {
   assert.deepEqual(t.ws().closedWith, { code: undefined, reason: undefined });
   assert.equal(t.client.state, "closed");
 });
+
+test("a busy socket keeps one watchdog timer, not one per frame", () => {
+  const t = setup({ client: { heartbeatInterval: 1000 } });
+  collect(t.client, "t");
+  t.ws().accept();
+  answerSubscribe(t.ws(), "t");
+  for (let n = 1; n <= 500; n++) {
+    t.timers.advance(10);
+    t.ws().receive(event("t", n));
+  }
+  assert.equal(t.timers.pending.size, 1);
+  assert.equal(t.client.state, "open");
+  t.timers.advance(2000);
+  assert.equal(t.client.state, "reconnecting", "then silence still trips it");
+});
