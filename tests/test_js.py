@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,3 +40,12 @@ def test_client_speaks_the_servers_subprotocol() -> None:
     assert f'export const PROTOCOL = "{SUBPROTOCOL}";' in source
     declarations = (Path(__file__).parents[1] / "starlette_replay" / "static" / "replay.d.ts").read_text()
     assert f'export declare const PROTOCOL: "{SUBPROTOCOL}";' in declarations
+
+
+def test_declarations_cover_every_export() -> None:
+    static = Path(__file__).parents[1] / "starlette_replay" / "static"
+    exported = set(re.findall(r"^export (?:const|function|class) (\w+)", (static / "replay.js").read_text(), re.M))
+    declared = set(
+        re.findall(r"^export declare (?:const|function|class) (\w+)", (static / "replay.d.ts").read_text(), re.M)
+    )
+    assert exported == declared == {"PROTOCOL", "VERSION", "STOP_CODES", "resolveUrl", "Subscription", "ReplayClient"}

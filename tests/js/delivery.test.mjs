@@ -235,3 +235,16 @@ test("acks are off by default", () => {
   t.timers.advance(60_000);
   assert.equal(t.ws().sentOf("ack").length, 0);
 });
+
+test("resolveUrl maps http(s) and relative URLs to ws(s), against the page", async () => {
+  const { resolveUrl } = await import("../../starlette_replay/static/replay.js");
+  assert.equal(resolveUrl("wss://example.com/ws"), "wss://example.com/ws");
+  globalThis.location = { href: "https://app.example.com/chat/room?x=1" };
+  try {
+    assert.equal(resolveUrl("/ws"), "wss://app.example.com/ws");
+    assert.equal(resolveUrl("ws"), "wss://app.example.com/chat/ws");
+    assert.equal(resolveUrl("http://other:8000/ws?t=1"), "ws://other:8000/ws?t=1");
+  } finally {
+    delete globalThis.location;
+  }
+});
