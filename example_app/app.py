@@ -141,7 +141,7 @@ def create_app(
         if uid is None:
             return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
         topic = topic_of(uid)
-        position = await replay.store.position(topic)
+        position = await replay.position(topic)
         events: list[dict[str, Any]] = []
         after = position.oldest - 1
         while after < position.head:
