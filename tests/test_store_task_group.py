@@ -90,6 +90,8 @@ async def test_aclose_from_another_task_than_the_one_that_started_it() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(owner)
             await started.wait()
-            await replay.aclose()
-            release.set()
+            try:
+                await replay.aclose()
+            finally:
+                release.set()
     assert not replay.running
