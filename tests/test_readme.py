@@ -33,7 +33,7 @@ pytestmark = pytest.mark.anyio
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _MARKED_BLOCK = re.compile(r"<!-- readme-test: ([a-z0-9-]+) -->\n```python\n(.*?)\n```", re.DOTALL)
-TESTED = {"starlette", "own-lifespan", "fastapi", "auth", "log-filter"}
+TESTED = {"starlette", "own-lifespan", "fastapi", "auth", "log-filter", "snapshot"}
 TIMEOUT = 5.0
 
 
@@ -209,6 +209,39 @@ async def test_publish_sync_refuses_the_event_loop_thread() -> None:
     async with running(quickstart.app):
         with pytest.raises(RuntimeError, match="event loop thread"):
             quickstart.replay.publish_sync("user:1", "agent_log", {"line": "x"})
+
+
+async def test_snapshot_then_live_from_its_cursor() -> None:
+    example = load("snapshot")
+    async with running(example.app) as client:
+        empty = (await client.get("/users/7/snapshot")).json()
+        assert empty["events"] == [] and empty["cursor"]["offset"] == 0
+        await example.replay.publish_many("user:7", [("message", {"n": n}) for n in range(1, 4)])
+        snapshot = (await client.get("/users/7/snapshot")).json()
+        assert snapshot["topic"] == "user:7"
+        assert snapshot["cursor"] == {"epoch": empty["cursor"]["epoch"], "offset": 3}
+        assert snapshot["events"] == [{"offset": n, "event": "message", "data": {"n": n}} for n in range(1, 4)]
+        await example.replay.publish("user:7", "message", {"n": 4})  # after the snapshot
+        async with websocket(client) as ws:
+            subscribed = await subscribe(ws, "user:7", **snapshot["cursor"])
+            assert (subscribed["recovered"], subscribed["replayed"]) == (True, 1)
+            missed = await receive(ws)
+            assert (missed["offset"], missed["data"]) == (4, {"n": 4})
+            await nothing_before_pong(ws, "end")
+
+
+async def test_snapshot_refuses_a_history_that_changed_while_read() -> None:
+    example = load("snapshot")
+    real_history = example.replay.history
+
+    async def trimmed_meanwhile(topic: str, after: int | None = None, limit: int = 100) -> list[Any]:
+        return (await real_history(topic, after=after, limit=limit))[1:]  # the oldest is gone
+
+    async with running(example.app) as client:
+        await example.replay.publish_many("user:8", [("message", n) for n in range(3)])
+        example.replay.history = trimmed_meanwhile
+        response = await client.get("/users/8/snapshot")
+        assert response.status_code == 503
 
 
 async def test_auth_refuses_a_handshake_without_credentials() -> None:
