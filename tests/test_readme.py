@@ -9,6 +9,8 @@ behaviour the README describes.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import logging
 import re
@@ -28,6 +30,8 @@ import uvicorn.protocols.websockets
 from asgi_lifespan import LifespanManager
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
+
+from starlette_replay import MemoryStore, Replay
 
 pytestmark = pytest.mark.anyio
 
@@ -123,6 +127,35 @@ def test_block_is_clean_for_ruff(name: str) -> None:
             timeout=60,
         )
         assert result.returncode == 0, f"ruff {command[0]} on README block {name!r}:\n{result.stdout}{result.stderr}"
+
+
+def option_tables() -> list[dict[str, object]]:
+    """The README's configuration tables: option name -> documented default, table by table."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    tables: list[dict[str, object]] = []
+    rows: dict[str, object] | None = None
+    for line in section.splitlines():
+        if line.startswith("| option | default |"):
+            rows = {}
+            tables.append(rows)
+        elif rows is not None and line.startswith("| `"):
+            match = re.match(r"\| `(\w+)` \| `([^`]+)`", line)
+            assert match, line
+            rows[match[1]] = ast.literal_eval(match[2])
+        elif not line.startswith("|"):
+            rows = None
+    return tables
+
+
+@pytest.mark.parametrize("index, cls", [(0, Replay), (1, MemoryStore)])
+def test_configuration_tables_match_the_code(index: int, cls: type) -> None:
+    """Every constructor option is in the README's table, with its real default."""
+    documented = option_tables()[index]
+    parameters = inspect.signature(cls).parameters
+    assert list(documented) == list(parameters)
+    for name, default in documented.items():
+        assert parameters[name].default == default, name
 
 
 async def test_starlette_quickstart() -> None:
