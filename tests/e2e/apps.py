@@ -4,8 +4,8 @@ Configured by environment variables (all optional):
 
 ``REPLAY_STORE``
     ``memory`` (default) or ``redis``.
-``REPLAY_REDIS_URL`` (or ``REDIS_URL``), ``REPLAY_REDIS_PREFIX``
-    For ``redis``: ``RedisStore.from_url(url, prefix=...)``.
+``REPLAY_REDIS_URL`` (or ``REDIS_URL``), ``REPLAY_REDIS_PREFIX``, ``REPLAY_PUBLISH_TIMEOUT``
+    For ``redis``: ``RedisStore.from_url(url, prefix=..., publish_timeout=...)``.
 ``REPLAY_HISTORY_SIZE``, ``REPLAY_HISTORY_TTL``
     The store's ``history_size`` / ``history_ttl``.
 ``REPLAY_READ_DELAY``
@@ -138,6 +138,8 @@ def make_store() -> EventStore:
             raise RuntimeError("REPLAY_STORE=redis needs REPLAY_REDIS_URL")
         if prefix := os.environ.get("REPLAY_REDIS_PREFIX"):
             options["prefix"] = prefix
+        if (publish_timeout := _env_float("REPLAY_PUBLISH_TIMEOUT")) is not None:
+            options["publish_timeout"] = publish_timeout
         redis_store: Any = RedisStore.from_url(url, **options)  # Any: a placeholder class until it lands
         store = redis_store
     else:
