@@ -111,13 +111,16 @@ async def test_replay_to_live_handoff_has_no_gap(uvicorn_servers: ServerFactory)
     for cursor, racer in racers:
         problems += racer.violations
         problems += [f"{racer.name} closed by the server: {close}" for close in racer.server_closes]
-        # Each subscription started mid-stream, from an old cursor: a long replay, then live events.
-        if [(f.replayed >= 100, f.offset < final) for f in racer.subscribed_frames] != [(True, True)]:
-            problems.append(f"{racer.name}: not one mid-stream subscription: {racer.subscribed_frames}")
+        if len(racer.subscribed_frames) != 1 or racer.subscribed_frames[0].replayed < 100:
+            problems.append(f"{racer.name}: not one long replay: {racer.subscribed_frames}")
         if racer.offsets(TOPIC) != list(range(cursor + 1, final + 1)):
             problems.append(f"{racer.name} from {cursor}: got {len(racer.offsets(TOPIC))} events, not gap-free")
         # Payloads match offsets: backlog events carry i = offset - 1, pumped ones i = offset - BACKLOG - 1.
         if any(d.data["i"] != d.offset - 1 - (BACKLOG if d.offset > BACKLOG else 0) for d in racer.delivered[TOPIC]):
             problems.append(f"{racer.name}: a payload does not match its offset")
     assert len(racers) == SUBSCRIPTIONS
+    # Subscriptions that started mid-stream (a long replay, then live events): the hand-offs under test.
+    # All of them normally; a machine so loaded that the pump ended first would test less.
+    mid_stream = sum(1 for _, r in racers if r.subscribed_frames and r.subscribed_frames[0].offset < final)
+    assert mid_stream >= SUBSCRIPTIONS // 2, f"only {mid_stream} subscriptions started before the pump ended"
     assert not problems, f"seed {seed}:\n" + "\n".join(problems)
