@@ -8,9 +8,9 @@ Configured by environment variables (all optional):
     For ``redis``: ``RedisStore.from_url(url, prefix=..., publish_timeout=...)``.
 ``REPLAY_HISTORY_SIZE``, ``REPLAY_HISTORY_TTL``
     The store's ``history_size`` / ``history_ttl``.
-``REPLAY_READ_DELAY``
-    Seconds to sleep in every ``store.read()`` call (wraps the store): widens
-    the replay -> live hand-off on purpose.
+``REPLAY_READ_DELAY``, ``REPLAY_POSITION_DELAY``
+    Seconds to sleep in every ``store.read()`` / ``store.position()`` call (wraps
+    the store): widen the replay -> live hand-off on purpose.
 ``REPLAY_SEND_QUEUE_SIZE``, ``REPLAY_MAX_MESSAGE_SIZE``, ``REPLAY_HEARTBEAT``,
 ``REPLAY_PAGE_SIZE``, ``REPLAY_MAX_FRAME_RATE``, ``REPLAY_FRAME_BURST``, ``REPLAY_CLOSE_TIMEOUT``,
 ``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``
@@ -69,15 +69,21 @@ logger = logging.getLogger("tests.e2e.apps")
 
 
 class SlowReadStore:
-    """Wraps a store; every ``read()`` first sleeps ``delay`` seconds."""
+    """Wraps a store; every ``read()`` first sleeps ``delay`` seconds, every ``position()`` ``position_delay``.
 
-    def __init__(self, inner: EventStore, delay: float) -> None:
+    A slow ``position()`` lets live events reach a new subscription between its
+    registration and the head it reads: events the replay will also send, which
+    the hand-off must drop.
+    """
+
+    def __init__(self, inner: EventStore, delay: float, position_delay: float = 0.0) -> None:
         self.inner = inner
         self.delay = delay
+        self.position_delay = position_delay
         self.reads = 0
 
     def __repr__(self) -> str:
-        return f"SlowReadStore({self.inner!r}, delay={self.delay})"
+        return f"SlowReadStore({self.inner!r}, delay={self.delay}, position_delay={self.position_delay})"
 
     def connect(self, sink: LiveSink) -> AbstractAsyncContextManager[None]:
         return self.inner.connect(sink)
@@ -99,6 +105,8 @@ class SlowReadStore:
         return await self.inner.read(topic, after, limit)
 
     async def position(self, topic: str) -> Position:
+        if self.position_delay:
+            await anyio.sleep(self.position_delay)
         return await self.inner.position(topic)
 
     async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
@@ -144,9 +152,10 @@ def make_store() -> EventStore:
         store = redis_store
     else:
         raise RuntimeError(f"unknown REPLAY_STORE {kind!r}")
-    delay = _env_float("REPLAY_READ_DELAY")
-    if delay:
-        store = SlowReadStore(store, delay)
+    delay = _env_float("REPLAY_READ_DELAY") or 0.0
+    position_delay = _env_float("REPLAY_POSITION_DELAY") or 0.0
+    if delay or position_delay:
+        store = SlowReadStore(store, delay, position_delay)
     return store
 
 
