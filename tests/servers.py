@@ -167,7 +167,7 @@ class UvicornServer:
             return
 
     def _spawn(self, port: int, timeout: float) -> None:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "REPLAY_PARENT_PID": str(os.getpid()), **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.starts += 1

@@ -19,6 +19,8 @@ Configured by environment variables (all optional):
     Comma-separated; unset means same-origin only.
 ``REPLAY_FORBIDDEN_PREFIX``
     Topics starting with it are refused by ``authorize`` (default ``forbidden``).
+``REPLAY_PARENT_PID``
+    Set by ``tests/servers.py``: the server shuts itself down when that process is gone.
 ``REPLAY_LOG_LEVEL``
     Level of the ``starlette_replay`` loggers, written to stderr (default ``INFO``).
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -194,6 +197,23 @@ def _configure_logging() -> None:
         named.propagate = False
 
 
+async def _exit_with_parent() -> None:
+    """SIGTERM this server once the test run that started it is gone (``REPLAY_PARENT_PID``).
+
+    A test run killed hard leaves no server listening behind it. The parent's
+    death has no event to wait on: this checks twice a second.
+    """
+    parent = _env_int("REPLAY_PARENT_PID")
+    if parent is None:
+        return
+    while True:
+        if os.getppid() != parent:
+            logger.warning("the test run (pid %d) is gone: shutting down", parent)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        await anyio.sleep(0.5)
+
+
 def make_app() -> Starlette:
     """Build the test app from the environment (see the module docstring)."""
     _configure_logging()
@@ -220,6 +240,7 @@ def make_app() -> Starlette:
         nonlocal task_group
         async with replay, anyio.create_task_group() as tg:
             task_group = tg
+            tg.start_soon(_exit_with_parent)
             try:
                 yield
             finally:
@@ -334,7 +355,16 @@ def make_fastapi_app() -> Any:
 
     _configure_logging()
     replay = Replay(make_store(), authorize=allow_all, **_replay_options())
-    app = FastAPI(lifespan=replay.lifespan)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # An app with a lifespan of its own nests the Replay's.
+        async with replay.lifespan(app), anyio.create_task_group() as tg:
+            tg.start_soon(_exit_with_parent)
+            yield
+            tg.cancel_scope.cancel()
+
+    app = FastAPI(lifespan=lifespan)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
