@@ -26,7 +26,9 @@ EVENTS = 500
 @pytest.mark.parametrize("ws", ["websockets-sansio", "websockets", "wsproto"])
 async def test_contract_holds_on_each_uvicorn_ws_implementation(uvicorn_servers: ServerFactory, ws: str) -> None:
     server = uvicorn_servers(
-        ws=ws, env={"REPLAY_MAX_MESSAGE_SIZE": 4096, "REPLAY_SEND_QUEUE_SIZE": 160, "REPLAY_CLOSE_TIMEOUT": 15}
+        ws=ws,
+        env={"REPLAY_MAX_MESSAGE_SIZE": 4096, "REPLAY_SEND_QUEUE_SIZE": 160, "REPLAY_CLOSE_TIMEOUT": 15},
+        allow_errors=ws == "websockets",  # checked below
     )
     url = server.ws_url()
     with pytest.raises(InvalidStatus) as refused:
@@ -72,3 +74,12 @@ async def test_contract_holds_on_each_uvicorn_ws_implementation(uvicorn_servers:
         abort_all([fast, slow])
     assert fast.server_closes == []
     assert_exact([fast, slow], {TOPIC: (published[TOPIC]["epoch"], EVENTS)})
+    if ws == "websockets":
+        # websockets' legacy protocol (under uvicorn's deprecated `--ws websockets`) can log "data transfer
+        # failed" with an AssertionError in _drain_helper: two concurrent drains when a close frame arrives
+        # while the app's send to a stalled peer is draining. A library bug, harmless here; nothing else is.
+        errors = server.log_errors()
+        failed = [line for line in errors if line == "ERROR:    data transfer failed"]
+        tracebacks = [line for line in errors if line.startswith("Traceback")]
+        assert len(errors) == len(failed) + len(tracebacks) and len(tracebacks) == len(failed), errors
+        assert server.log_text().count("in _drain_helper") == len(failed)
