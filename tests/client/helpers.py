@@ -13,7 +13,7 @@ import uvicorn
 from anyio.abc import SocketStream
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from starlette_replay import Replay
@@ -44,13 +44,28 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def serve(app: ASGIApp, port: int = 0) -> AsyncIterator[int]:
-    """Run ``app`` on uvicorn in this event loop; yields the port. Shuts uvicorn down (1012) on exit."""
+    """Run ``app`` on uvicorn in this event loop; yields the port once the app's lifespan started.
+
+    Shuts uvicorn down (it closes open WebSockets with 1012) on exit.
+    """
+    started = anyio.Event()
+
+    async def app_started(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_and_tell(message: Message) -> None:
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                started.set()
+
+        await app(scope, receive, send_and_tell if scope["type"] == "lifespan" else send)
+
     sock = listening_socket(port)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app_started, lifespan="on", log_config=None, access_log=False))
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
         try:
+            with anyio.fail_after(TIMEOUT):
+                await started.wait()
             yield port
         finally:
             server.should_exit = True
