@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from .errors import ReplayError
@@ -806,6 +807,8 @@ class ReplayClient:
             raise ClientClosed("enter the client with `async with` before iterating over it")
         if self.auto_ack:
             self._ack_last()
+        # A checkpoint even when items are waiting: the connection and the flusher get their turn.
+        await anyio.lowlevel.checkpoint()
         while True:
             if self._closed:
                 raise StopAsyncIteration
@@ -1216,7 +1219,13 @@ class ReplayClient:
                 state.acked = None
                 self._dirty.set()
             return
-        if kind == "s" and state is not None and state.ref == ref:
+        if kind == "u":
+            logger.debug("[client#%d] unsubscribe answered with %s", session.id, error)
+            return
+        if kind == "s":
+            if state is None or state.ref != ref:
+                logger.debug("[client#%d] ignoring %s for a subscribe replaced since", session.id, error)
+                return
             state.ref = None
             if error.code in _RETRYABLE:
                 delay = self.backoff.delay(state.attempt, self._rng)
