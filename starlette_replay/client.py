@@ -547,6 +547,12 @@ class ReplayClient:
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
+        try:
+            import websockets  # noqa: F401
+        except ImportError:  # pragma: no cover - depends on the installed extras
+            raise ImportError(
+                "ReplayClient needs the websockets library: pip install 'starlette-replay[client]'"
+            ) from None
         scheme = urlsplit(url).scheme
         if scheme not in ("ws", "wss"):
             raise ValueError(f"url must start with ws:// or wss://, not {url[:40]!r}")
@@ -615,7 +621,6 @@ class ReplayClient:
         self._started = False
         self._closed = False
         self._stopped: ClientStopped | None = None
-        self._changed = anyio.Event()  # set at each state change a waiter may care about
         self.connections = 0  # handshakes that succeeded, for metrics and tests
 
     def __repr__(self) -> str:
@@ -983,7 +988,7 @@ class ReplayClient:
             await self._sleep(delay)
 
     def _stop(self, error: ClientStopped) -> None:
-        logger.error("client stopped: %s", error)
+        logger.warning("client stopped: %s", error)
         self._stopped = error
         self._notify_all()
 
@@ -1011,21 +1016,21 @@ class ReplayClient:
             if not _status_retryable(status):
                 body = exc.response.body.decode("utf-8", "replace")[:200] if exc.response.body else ""
                 return _Outcome(healthy=False, stop=HandshakeRejected(status, body))
-            logger.warning("[client#%d] handshake failed with HTTP %d", number, status)
+            logger.info("[client#%d] handshake failed with HTTP %d", number, status)
             return _Outcome(healthy=False)
         except (InvalidURI, InvalidProxy) as exc:
             return _Outcome(healthy=False, stop=ClientStopped(f"cannot connect to {self.url!r}: {exc}"))
         except (OSError, TimeoutError, WebSocketException) as exc:
-            logger.warning("[client#%d] cannot connect: %r", number, exc)
+            logger.info("[client#%d] cannot connect: %r", number, exc)
             return _Outcome(healthy=False)
         if ws.subprotocol != SUBPROTOCOL:
             logger.warning("[client#%d] the server did not accept subprotocol %s", number, SUBPROTOCOL)
         self.connections += 1
         logger.info("[client#%d] connected to %s", number, self.url)
+        session: _Session | None = None
         try:
             async with anyio.create_task_group() as tg:
-                session = _Session(number, ws, tg)
-                self._session = session
+                session = self._session = _Session(number, ws, tg)
                 for state in self._topics.values():
                     self._send_subscribe(session, state)
                 tg.start_soon(self._writer, session)
@@ -1034,6 +1039,8 @@ class ReplayClient:
             return outcome
         finally:
             self._session = None
+            if session is not None:
+                session.progress.set()  # wakes an aclose() waiting for frames this session will never send
             for state in self._topics.values():
                 state.live = False
                 state.ref = None
