@@ -507,7 +507,9 @@ class ReplayClient:
     an ``Authorization``), ``subprotocols`` (offered after ``replay.v1``; an app
     may read a token there), ``origin`` (the ``Origin`` header),
     ``open_timeout``, ``close_timeout``, ``max_size`` (largest frame accepted
-    from the server), ``connect_options`` (more keyword arguments for
+    from the server), ``max_frame_rate`` and ``frame_burst`` (the client's
+    own pace, a token bucket kept under the server's default limit of 100
+    frames/s with bursts of 200), ``connect_options`` (more keyword arguments for
     ``websockets.asyncio.client.connect``, e.g. ``ssl`` or ``compression``).
 
     Resilience: ``backoff`` (:class:`Backoff`), ``heartbeat_interval`` (the
@@ -542,6 +544,8 @@ class ReplayClient:
         close_timeout: float = 2.0,
         buffer_size: int = 1000,
         max_size: int | None = 2**24,
+        max_frame_rate: float = 50.0,
+        frame_burst: int = 100,
         on_error: Callable[[ServerError], object] | None = None,
         connect_options: Mapping[str, Any] | None = None,
         rng: Callable[[], float] = random.random,
@@ -561,10 +565,11 @@ class ReplayClient:
             ("heartbeat_interval", heartbeat_interval),
             ("open_timeout", open_timeout),
             ("close_timeout", close_timeout),
+            ("max_frame_rate", max_frame_rate),
         ):
             if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {number!r}")
-        for name, count in (("ack_every", ack_every), ("buffer_size", buffer_size)):
+        for name, count in (("ack_every", ack_every), ("buffer_size", buffer_size), ("frame_burst", frame_burst)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be a positive integer, not {count!r}")
         _check_rewind(rewind)
@@ -595,6 +600,8 @@ class ReplayClient:
         self.close_timeout = float(close_timeout)
         self.buffer_size = buffer_size
         self.max_size = max_size
+        self.max_frame_rate = float(max_frame_rate)
+        self.frame_burst = frame_burst
         self.on_error = on_error
         self.connect_options = dict(connect_options or {})
         self._rng = rng
@@ -1064,10 +1071,20 @@ class ReplayClient:
     async def _writer(self, session: _Session) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        # Pace our own frames below the server's rate limit, so that a burst (a
+        # hundred subscribes after a reconnect) is never dropped or closed with 1008.
+        rate, burst = self.max_frame_rate, float(self.frame_burst)
+        tokens, refilled = burst, anyio.current_time()
         while True:
             while not session.outbox:
                 session.wakeup = anyio.Event()
                 await session.wakeup.wait()
+            now = anyio.current_time()
+            tokens, refilled = min(burst, tokens + (now - refilled) * rate), now
+            if tokens < 1:
+                await anyio.sleep((1 - tokens) / rate)
+                continue
+            tokens -= 1
             frame = session.outbox.popleft()
             try:
                 await session.ws.send(frame)
