@@ -1108,7 +1108,11 @@ class ReplayClient:
                 try:
                     message = await session.ws.recv()
                 except ConnectionClosed as exc:
-                    rcvd = exc.rcvd
+                    rcvd, sent = exc.rcvd, exc.sent
+                    if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG and not exc.rcvd_then_sent:
+                        # Replaying that event again would fail again.
+                        error = f"the server sent a frame larger than max_size={self.max_size} bytes"
+                        return _Outcome(healthy=session.healthy, stop=ClientStopped(error))
                     return self._close_outcome(session, rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
             if scope.cancelled_caught:
                 logger.warning("[client#%d] no frame for %.1fs: the socket is dead, reconnecting", session.id, silence)

@@ -156,3 +156,22 @@ async def test_aclose_ends_iteration_and_closes_with_1000() -> None:
             await client.aclose()  # twice is fine
     assert not fake.errors
     assert closed == [1000]
+
+
+async def test_an_event_larger_than_max_size_stops_the_client() -> None:
+    """Reconnecting would replay the same event and fail again: stop and say why."""
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    async with (
+        serve(replay_app(replay)) as port,
+        ReplayClient(url(port), max_size=1024, connect_options={"compression": None}, backoff=FAST) as client,
+    ):
+        with anyio.fail_after(TIMEOUT):
+            await client.subscribe("t")
+            await replay.publish("t", "small", "x")
+            await replay.publish("t", "big", "x" * 2000)
+            (item,) = await take(client, 1)
+            with pytest.raises(ClientStopped, match="max_size=1024") as info:
+                await client.__anext__()
+    assert isinstance(item, Event) and item.offset == 1
+    assert not isinstance(info.value, ServerClosed)
+    assert client.connections == 1
