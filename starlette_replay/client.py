@@ -368,6 +368,7 @@ class FileCursorStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._cursors: dict[str, Cursor] | None = None
+        self._lock = anyio.Lock()
 
     def _read(self) -> dict[str, Cursor]:
         try:
@@ -411,10 +412,11 @@ class FileCursorStore:
 
     async def save(self, cursors: Mapping[str, Cursor]) -> None:
         """Merge ``cursors`` into the file. Raises ``OSError``. Cancelling may leave the file as it was."""
-        merged = dict(await self._all())
-        merged.update(cursors)
-        await anyio.to_thread.run_sync(self._write, merged)
-        self._cursors = merged
+        async with self._lock:
+            merged = dict(await self._all())
+            merged.update(cursors)
+            await anyio.to_thread.run_sync(self._write, merged)
+            self._cursors = merged
 
 
 # --- the client --------------------------------------------------------------------------
@@ -621,9 +623,11 @@ class ReplayClient:
         self._refs = 0
         self._dirty = anyio.Event()
         self._urgent = anyio.Event()
+        self._save_lock = anyio.Lock()
         self._stack: AsyncExitStack | None = None
-        self._scope = anyio.CancelScope()
-        self._flusher_scope = anyio.CancelScope()
+        # Made by __aenter__: a cancel scope cannot be made outside an event loop.
+        self._scope: anyio.CancelScope
+        self._flusher_scope: anyio.CancelScope
         self._done = anyio.Event()
         self._started = False
         self._closed = False
@@ -649,6 +653,8 @@ class ReplayClient:
                 cursor = await self.cursor_store.load(topic)
             self._topics[topic] = _Topic(topic, cursor, self.rewind)
         self._started = True
+        self._scope = anyio.CancelScope()
+        self._flusher_scope = anyio.CancelScope()
         async with AsyncExitStack() as stack:
             tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(self._main)
@@ -779,7 +785,7 @@ class ReplayClient:
 
         Needed only with ``auto_ack=False``. The processed cursor is acked to
         the server and saved to the ``cursor_store`` at the next flush.
-        Non-blocking; items of a topic left or replaced since are ignored.
+        Non-blocking; items of a topic the client left are ignored.
         """
         state = self._topics.get(item.topic)
         if state is not None:
@@ -965,7 +971,9 @@ class ReplayClient:
         if not to_save or self.cursor_store is None:
             return
         try:
-            await self.cursor_store.save(to_save)
+            # One save at a time: aclose() flushes while the flusher may still be saving.
+            async with self._save_lock:
+                await self.cursor_store.save(to_save)
         except Exception:
             logger.exception("cursor_store.save failed; retrying at the next flush")
             for topic, cursor in to_save.items():

@@ -1,4 +1,4 @@
-"""Handshake options: extra headers, extra subprotocols (a token), origin; and the module's exports."""
+"""Handshake options: extra headers, extra subprotocols (a token), origin."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import anyio
 import pytest
 from starlette.websockets import WebSocket
 
-import starlette_replay.client as client_module
 from starlette_replay import Event, MemoryStore, Refused, Replay, allow_all
 from starlette_replay.client import Backoff, ReplayClient
 
@@ -15,25 +14,6 @@ from .helpers import TIMEOUT, FakeServer, Peer, replay_app, serve, take, url
 pytestmark = pytest.mark.anyio
 
 FAST = Backoff(initial=0.01, max=0.05)
-
-
-def test_exports() -> None:
-    for name in client_module.__all__:
-        assert hasattr(client_module, name), name
-    assert sorted(client_module.__all__) == client_module.__all__
-
-
-def test_bad_arguments_are_refused_early() -> None:
-    with pytest.raises(ValueError, match="ws://"):
-        ReplayClient("http://example.com/ws")
-    with pytest.raises(ValueError, match="topic"):
-        ReplayClient("ws://example.com/ws", topics=["no spaces"])
-    with pytest.raises(TypeError):
-        ReplayClient("ws://example.com/ws", topics="t")
-    with pytest.raises(ValueError):
-        ReplayClient("ws://example.com/ws", heartbeat_interval=0)
-    with pytest.raises(ValueError):
-        ReplayClient("ws://example.com/ws", ack_every=0)
 
 
 async def test_headers_and_subprotocol_token_reach_identify() -> None:

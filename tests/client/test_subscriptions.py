@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from starlette_replay import Cursor, Event, MemoryStore, Replay, allow_all
-from starlette_replay.client import Backoff, ClientClosed, ReplayClient
+from starlette_replay.client import Backoff, ReplayClient
 
 from .helpers import TIMEOUT, replay_app, serve, take, url
 
@@ -81,11 +81,3 @@ async def test_slow_application_is_closed_1013_and_resumes_exactly_once() -> Non
             items = await take(client, 120)
     assert [i.offset for i in items if isinstance(i, Event)] == list(range(1, 121))
     assert client.connections >= 2  # it was closed as slow at least once
-
-
-async def test_using_the_client_outside_its_block() -> None:
-    client = ReplayClient("ws://127.0.0.1:9/ws")
-    with pytest.raises(ClientClosed):
-        await client.subscribe("t")
-    with pytest.raises(ClientClosed):
-        await client.__anext__()
