@@ -54,7 +54,8 @@ async def test_the_client_paces_its_frames_under_the_server_limit() -> None:
 async def test_a_rate_limited_subscribe_is_sent_again() -> None:
     """A client configured faster than the server: the dropped subscribes (named by their ref) are retried."""
     errors: list[ServerError] = []
-    replay = Replay(MemoryStore(), authorize=allow_all, max_frame_rate=20, frame_burst=4)
+    # 10 frames/s: the six subscribes arrive well within the 100 ms that refill one token.
+    replay = Replay(MemoryStore(), authorize=allow_all, max_frame_rate=10, frame_burst=4)
     topics = [f"t{i}" for i in range(6)]
     async with (
         serve(replay_app(replay)) as port,
@@ -63,7 +64,7 @@ async def test_a_rate_limited_subscribe_is_sent_again() -> None:
             topics=topics,
             max_frame_rate=1000,
             frame_burst=100,
-            backoff=Backoff(initial=0.2, max=0.4),
+            backoff=Backoff(initial=0.4, max=0.4),  # by then the bucket has refilled
             rng=lambda: 1.0,
             on_error=errors.append,
         ) as client,
