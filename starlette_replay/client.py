@@ -1159,8 +1159,9 @@ class ReplayClient:
 
     async def _on_subscribed(self, session: _Session, obj: dict[str, Any]) -> None:
         state = self._topics.get(obj["topic"])
-        if state is None or state.ref is None or obj.get("ref") != state.ref:
-            return  # an answer to a subscribe that was replaced since
+        ref = obj.get("ref")
+        if state is None or state.ref is None or (ref is not None and ref != state.ref):
+            return  # an answer to a subscribe that was replaced since (a server that echoes no ref is trusted)
         epoch, head, replayed = obj["epoch"], obj["offset"], obj["replayed"]
         if not isinstance(epoch, str) or not _is_offset(head) or not _is_offset(replayed) or replayed > head:
             raise ValueError(f"bad position {epoch!r} {head!r} {replayed!r}")
@@ -1243,6 +1244,9 @@ class ReplayClient:
         state = self._topics.get(error.topic) if error.topic is not None else None
         if state is None and kind == "s":
             state = next((s for s in self._topics.values() if s.ref == ref), None)
+        if ref is None and state is not None and state.ref is not None and error.code != ErrorCode.NOT_SUBSCRIBED:
+            # A server that does not echo refs: a refusal naming a topic with a subscribe in flight is its answer.
+            kind, ref = "s", state.ref
         if self.on_error is not None:
             try:
                 self.on_error(error)

@@ -175,3 +175,35 @@ async def test_an_event_larger_than_max_size_stops_the_client() -> None:
     assert isinstance(item, Event) and item.offset == 1
     assert not isinstance(info.value, ServerClosed)
     assert client.connections == 1
+
+
+async def test_cancelling_the_owner_still_closes_with_1000() -> None:
+    closed = anyio.Event()
+    codes: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.accept()
+        request = await peer.recv()
+        await peer.subscribed(request, "e1", 0)
+        message = await peer.ws.receive()
+        codes.append(message["code"])
+        closed.set()
+
+    fake = FakeServer(script)
+    subscribed = anyio.Event()
+
+    async def owner() -> None:
+        async with ReplayClient(url(port), topics=["t"], backoff=FAST) as client:
+            await client.subscribe("t")
+            subscribed.set()
+            await anyio.sleep_forever()
+
+    async with serve(fake.app) as port:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(owner)
+                await subscribed.wait()
+                tg.cancel_scope.cancel()
+            await closed.wait()
+    assert not fake.errors
+    assert codes == [1000]

@@ -164,3 +164,27 @@ async def test_unavailable_subscribe_is_retried_with_backoff() -> None:
     assert delays == [0.25, 0.5]
     assert [type(e) for e in errors] == [UnavailableError, UnavailableError]
     assert len(fake.peers) == 1
+
+
+async def test_a_server_that_echoes_no_ref_is_still_understood() -> None:
+    """Refs are the protocol's way to match answers; a server that drops them still gets through."""
+
+    async def script(peer: Peer) -> None:
+        await peer.accept()
+        while True:
+            request = await peer.recv()
+            if request["topic"] == "secret":
+                await peer.send(type="error", code="forbidden", message="no", topic="secret")
+            else:
+                frame = {"topic": request["topic"], "epoch": "e1", "offset": 0, "replayed": 0}
+                await peer.send(type="subscribed", resumed=False, recovered=False, **frame)
+                await peer.event(request["topic"], 1)
+
+    fake = FakeServer(script)
+    async with serve(fake.app) as port, ReplayClient(url(port), backoff=FAST) as client:
+        with anyio.fail_after(TIMEOUT):
+            await client.subscribe("t")
+            with pytest.raises(ForbiddenError):
+                await client.subscribe("secret")
+            (item,) = await take(client, 1)
+    assert isinstance(item, Event) and (item.topic, item.offset) == ("t", 1)
