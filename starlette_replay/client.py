@@ -999,11 +999,11 @@ class ReplayClient:
                 attempt = 0
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
-            logger.info("reconnecting in %.2fs (attempt %d)", delay, attempt)
+            logger.info("[client#%d] reconnecting in %.2fs (attempt %d)", self._sessions, delay, attempt)
             await self._sleep(delay)
 
     def _stop(self, error: ClientStopped) -> None:
-        logger.warning("client stopped: %s", error)
+        logger.warning("[client#%d] stopped: %s", self._sessions, error)
         self._stopped = error
         self._notify_all()
 
