@@ -765,8 +765,9 @@ class ReplayClient:
     async def unsubscribe(self, topic: str) -> None:
         """Leave ``topic``: its items not yet read are dropped, its processed cursor is saved at the next flush.
 
-        Does nothing for a topic the client does not hold. Does not wait for
-        the server's reply. Safe to cancel.
+        With ``acks``, the processed cursor is acked first. Does nothing for a
+        topic the client does not hold. Does not wait for the server's reply.
+        Safe to cancel.
         """
         state = self._topics.pop(topic, None)
         if state is None:
@@ -778,6 +779,10 @@ class ReplayClient:
         state.confirmed.set()
         session = self._session
         if session is not None:
+            cursor = state.processed
+            if self.acks and state.live and cursor is not None and cursor != state.acked:
+                # The last word on this topic: the server stores where we stopped.
+                session.send(encode_client_frame(Ack(topic, cursor.epoch, cursor.offset, ref=self._ref("a"))))
             session.send(encode_client_frame(Unsubscribe(topic, ref=self._ref("u"))))
 
     def ack(self, item: Item) -> None:

@@ -154,3 +154,20 @@ async def test_a_saved_cursor_from_a_lost_epoch_gives_a_reset() -> None:
     assert isinstance(reset, Reset) and reset.previous == Cursor("gone", 41)
     assert isinstance(event, Event) and (event.epoch, event.offset) == (reset.epoch, 1)
     assert cursors.cursors["t"] == Cursor(reset.epoch, 1)
+
+
+async def test_unsubscribe_acks_where_the_app_stopped() -> None:
+    store = CountingStore()
+    replay = Replay(store, authorize=allow_all, identify=user)
+    async with (
+        serve(replay_app(replay)) as port,
+        ReplayClient(url(port), acks=True, auto_ack=False, ack_interval=60, backoff=FAST) as client,
+    ):
+        with anyio.fail_after(TIMEOUT):
+            await client.subscribe("t")
+            await replay.publish_many("t", [("n", i) for i in range(4)])
+            items = await take(client, 4)
+            client.ack(items[2])
+            await client.unsubscribe("t")
+            await store.acked(3)
+    assert [c.offset for _, _, c in store.acks] == [0, 3]
