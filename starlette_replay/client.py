@@ -407,7 +407,10 @@ class FileCursorStore:
         return self._cursors
 
     async def load(self, topic: str) -> Cursor | None:
-        """The saved cursor of ``topic``, or None. Raises ``OSError``/``ValueError`` for an unreadable file."""
+        """The saved cursor of ``topic``, or None. Raises ``OSError``/``ValueError`` for an unreadable file.
+
+        Safe to cancel (the file is read once, in a worker thread).
+        """
         return (await self._all()).get(topic)
 
     async def save(self, cursors: Mapping[str, Cursor]) -> None:
@@ -644,7 +647,8 @@ class ReplayClient:
         """Start connecting in the background and return at once.
 
         Loads the cursors of the constructor's topics from ``cursor_store``
-        first (its errors propagate). Raises :class:`ClientClosed` when entered twice.
+        first (its errors propagate). Raises :class:`ClientClosed` when entered
+        twice. Safe to cancel: nothing is started until the cursors are loaded.
         """
         if self._started:
             raise ClientClosed("a ReplayClient can be entered only once")
