@@ -141,7 +141,7 @@ async def test_server_pings_keep_a_quiet_connection_alive() -> None:
         await peer.accept()
         request = await peer.recv()
         await peer.subscribed(request, "e1", 0)
-        for _ in range(12):  # 0.6 s of quiet, longer than the client's 0.4 s silence limit
+        for _ in range(16):  # 0.8 s of quiet, longer than the client's 0.6 s silence limit
             with anyio.move_on_after(0.05):
                 await anyio.Event().wait()  # the server's idle interval passes
             await peer.send(type="ping")
@@ -152,7 +152,7 @@ async def test_server_pings_keep_a_quiet_connection_alive() -> None:
     fake = FakeServer(script)
     async with (
         serve(fake.app) as port,
-        ReplayClient(url(port), topics=["t"], heartbeat_interval=0.2, backoff=FAST) as client,
+        ReplayClient(url(port), topics=["t"], heartbeat_interval=0.3, backoff=FAST) as client,
     ):
         (item,) = await take(client, 1)
         with anyio.fail_after(TIMEOUT):
