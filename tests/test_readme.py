@@ -30,14 +30,17 @@ import uvicorn.protocols.websockets
 from asgi_lifespan import LifespanManager
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
+from starlette.applications import Starlette
 
-from starlette_replay import MemoryStore, Replay
+from starlette_replay import MemoryStore, Position, Replay, allow_all
+
+from .client.helpers import serve
 
 pytestmark = pytest.mark.anyio
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _MARKED_BLOCK = re.compile(r"<!-- readme-test: ([a-z0-9-]+) -->\n```python\n(.*?)\n```", re.DOTALL)
-TESTED = {"starlette", "own-lifespan", "fastapi", "auth", "log-filter", "snapshot"}
+TESTED = {"starlette", "own-lifespan", "fastapi", "python-client", "auth", "log-filter", "snapshot"}
 TIMEOUT = 5.0
 
 
@@ -242,6 +245,54 @@ async def test_publish_sync_refuses_the_event_loop_thread() -> None:
     async with running(quickstart.app):
         with pytest.raises(RuntimeError, match="event loop thread"):
             quickstart.replay.publish_sync("user:1", "agent_log", {"line": "x"})
+
+
+class PositionWatch(MemoryStore):
+    """A MemoryStore that says when a subscription has read the topic's head.
+
+    Anything published after that is delivered live to that subscription.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_read = anyio.Event()
+
+    async def position(self, topic: str) -> Position:
+        position = await super().position(topic)
+        self.head_read.set()
+        return position
+
+
+async def test_python_client_against_real_uvicorn() -> None:
+    store = PositionWatch()
+    replay = Replay(store, authorize=allow_all)
+    app = Starlette(routes=[replay.route("/ws")], lifespan=replay.lifespan)
+    printed: list[tuple[Any, ...]] = []
+    got_two = anyio.Event()
+
+    def collect(*args: Any) -> None:
+        printed.append(args)
+        if len(printed) == 2:
+            got_two.set()
+
+    async with serve(app) as port:
+        code = readme_blocks()["python-client"]
+        assert "ws://127.0.0.1:8000/ws" in code
+        example = types.ModuleType("readme_python_client")
+        exec(compile(code.replace(":8000/", f":{port}/"), "README.md[python-client]", "exec"), example.__dict__)
+        example.__dict__["print"] = collect
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(example.main)
+                await store.head_read.wait()
+                await replay.publish("user:42", "task_interaction", {"text": "Booked"})
+                await replay.publish("user:42", "agent_log", {"line": "done"})
+                await got_two.wait()
+                tg.cancel_scope.cancel()
+    assert printed == [
+        ("user:42", 1, "task_interaction", {"text": "Booked"}),
+        ("user:42", 2, "agent_log", {"line": "done"}),
+    ]
 
 
 async def test_snapshot_then_live_from_its_cursor() -> None:
