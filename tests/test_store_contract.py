@@ -37,9 +37,7 @@ def open_store(backend: str, request: pytest.FixtureRequest) -> Any:
             store = MemoryStore(**options)
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
-            store = RedisStore.from_url(
-                server.url, prefix=f"t{secrets.token_hex(4)}", publish_timeout=5, **options
-            )
+            store = RedisStore.from_url(server.url, prefix=f"t{secrets.token_hex(4)}", publish_timeout=5, **options)
         sink = RecordingSink()
         try:
             async with store.connect(sink):
@@ -192,9 +190,10 @@ async def test_history_size_trims_and_moves_oldest(open_store: Any) -> None:
 async def test_history_ttl_expiry_yields_a_new_epoch(open_store: Any) -> None:
     async with open_store(history_ttl=0.2) as (store, _):
         (event,) = await store.append("t", [("e", "1")])
-        with anyio.fail_after(10):
-            while (position := await store.position("t")).epoch == event.epoch:
-                await anyio.sleep(0.05)  # waiting on the clock is the point of this test
+        # The TTL is what is under test: let it pass (both stores expire on access).
+        await anyio.sleep(0.3)
+        position = await store.position("t")
+        assert position.epoch != event.epoch
         assert position.head == 0 and position.oldest == 1
         assert await store.read("t", 0, 10) == []
         (after,) = await store.append("t", [("e", "2")])
