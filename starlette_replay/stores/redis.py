@@ -24,7 +24,6 @@ import logging
 import math
 import random
 import secrets
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -619,10 +618,13 @@ class RedisStore:
     async def _listen(self) -> None:
         failures = 0
         while True:
-            started = time.monotonic()
+            connected = self.reconnects
             try:
                 await self._listen_once()
             except Exception as exc:
+                # a task group wraps the reader's error: log the error itself
+                while len(getattr(exc, "exceptions", ())) == 1:
+                    exc = exc.exceptions[0]  # type: ignore[attr-defined]
                 level = logging.WARNING if failures == 0 else logging.DEBUG
                 logger.log(level, "Redis pub/sub connection lost (%r); reconnecting", exc)
             finally:
@@ -630,9 +632,10 @@ class RedisStore:
                 if conn is not None:
                     with anyio.CancelScope(shield=True):
                         await conn.disconnect(nowait=True)
-            failures = 1 if time.monotonic() - started > 10 else failures + 1
-            # jittered, bounded backoff: 50 ms doubling up to 2 s
-            await anyio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+            # Jittered, bounded backoff: 50 ms doubling up to 2 s, from the start
+            # again once a connection was made (Redis is up: come back quickly).
+            failures = 1 if self.reconnects != connected else failures + 1
+            await anyio.sleep(min(2.0, 0.05 * 2 ** min(failures - 1, 6)) * random.uniform(0.5, 1.0))
 
     async def _listen_once(self) -> None:
         pool = self._client.connection_pool
