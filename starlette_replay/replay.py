@@ -167,9 +167,12 @@ class Replay:
                     connection.abort(CloseCode.GOING_AWAY, "server shutting down")
                 with anyio.move_on_after(self.limits.close_timeout + 1):
                     await self._all_closed.wait()
-            try:
-                await stack.aclose()
-            finally:
+        # Outside the shield: a store's connect() may own a task group, which must be
+        # exited from the cancel scope it was entered in (the store shields its own clean-up).
+        try:
+            await stack.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
                 await self.store.aclose()
 
     @asynccontextmanager
