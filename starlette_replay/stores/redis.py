@@ -605,7 +605,7 @@ class RedisStore:
 
     async def _send(self, conn: AbstractConnection, *args: str) -> None:
         """Send on the pub/sub connection; a failure is the reader's to notice."""
-        if args[0] in ("SUBSCRIBE", "UNSUBSCRIBE"):
+        if args[0] in ("SUBSCRIBE", "UNSUBSCRIBE") and conn is self._conn:
             self._expect.setdefault(args[1], deque()).append(args[0] == "SUBSCRIBE")
         try:
             with anyio.fail_after(self.publish_timeout):
@@ -647,7 +647,6 @@ class RedisStore:
             kwargs["maint_notifications_config"] = None
         kwargs.pop("maint_notifications_pool_handler", None)
         conn = pool.connection_class(**kwargs)
-        self._expect = {}
         try:
             with anyio.fail_after(self.publish_timeout):
                 await conn.connect()  # type: ignore[no-untyped-call]
@@ -656,6 +655,7 @@ class RedisStore:
                 await conn.disconnect(nowait=True)
             raise
         self._conn = conn
+        self._expect = {}  # confirmations due on this connection
         self.reconnects += 1
         for state in list(self._topics.values()):
             await self._send(conn, "SUBSCRIBE", state.channel)

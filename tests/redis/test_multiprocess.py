@@ -1,0 +1,194 @@
+"""Several processes on one Redis: uvicorn workers A and B, a publish-only worker.
+
+Real sockets end to end: ``websockets`` clients, uvicorn subprocesses running
+``tests.redis.app``, a redis-server the fixtures started.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from starlette_replay import RedisStore, Replay
+from starlette_replay.protocol import EventFrame, Subscribed, parse_server_frame
+from tests.redis.launcher import REPO_ROOT, UvicornProcess
+from tests.redis_server import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def open_client(url: str) -> ClientConnection:
+    with anyio.fail_after(10):
+        return await connect(url, subprotocols=["replay.v1"], open_timeout=10)  # type: ignore[list-item]
+
+
+async def subscribe(ws: ClientConnection, topic: str, cursor: tuple[str, int] | None = None) -> Subscribed:
+    frame: dict[str, Any] = {"type": "subscribe", "topic": topic}
+    if cursor is not None:
+        frame.update(epoch=cursor[0], offset=cursor[1])
+    await ws.send(json.dumps(frame))
+    with anyio.fail_after(10):
+        reply = parse_server_frame(await ws.recv())
+    assert isinstance(reply, Subscribed), reply
+    return reply
+
+
+async def events(ws: ClientConnection, count: int) -> list[EventFrame]:
+    got: list[EventFrame] = []
+    with anyio.fail_after(15):
+        while len(got) < count:
+            frame = parse_server_frame(await ws.recv())
+            if isinstance(frame, EventFrame):
+                got.append(frame)
+    return got
+
+
+async def publish_via(server: UvicornProcess, topic: str, count: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        response = await http.post(f"/publish/{topic}", json={"count": count})
+    response.raise_for_status()
+    return list(response.json()["offsets"])
+
+
+def two_workers(
+    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+) -> tuple[str, UvicornProcess, UvicornProcess]:
+    prefix = f"mp{secrets.token_hex(4)}"
+    return prefix, uvicorn_factory(redis_server.url, prefix), uvicorn_factory(redis_server.url, prefix)
+
+
+async def test_published_in_a_received_in_b_then_resumed_on_b_after_leaving_a(
+    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+) -> None:
+    _, a, b = await anyio.to_thread.run_sync(two_workers, redis_server, uvicorn_factory)
+    async with await open_client(b.ws_url) as on_b:
+        fresh = await subscribe(on_b, "room")
+        assert (fresh.offset, fresh.resumed, fresh.recovered) == (0, False, False)
+        assert await publish_via(a, "room", 3) == [1, 2, 3]
+        assert [(e.offset, e.data) for e in await events(on_b, 3)] == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
+
+    # a client on A leaves after offset 3; more is published; it comes back on B
+    async with await open_client(a.ws_url) as on_a:
+        await subscribe(on_a, "room", (fresh.epoch, 0))
+        seen = await events(on_a, 3)
+    assert [e.offset for e in seen] == [1, 2, 3]
+    assert await publish_via(a, "room", 3) == [4, 5, 6]
+    async with await open_client(b.ws_url) as on_b:
+        resumed = await subscribe(on_b, "room", (fresh.epoch, 3))
+        assert (resumed.epoch, resumed.offset, resumed.resumed, resumed.recovered, resumed.replayed) == (
+            fresh.epoch,
+            6,
+            True,
+            True,
+            3,
+        )
+        assert [e.offset for e in await events(on_b, 3)] == [4, 5, 6]
+        # and it stays live on B for what A publishes next
+        assert await publish_via(a, "room", 1) == [7]
+        assert [e.offset for e in await events(on_b, 1)] == [7]
+
+
+async def test_a_publish_only_worker_reaches_clients_of_a_web_worker(
+    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+) -> None:
+    prefix = f"mp{secrets.token_hex(4)}"
+    web = await anyio.to_thread.run_sync(uvicorn_factory, redis_server.url, prefix)
+    async with await open_client(web.ws_url) as ws:
+        subscribed = await subscribe(ws, "jobs")
+        command = [sys.executable, "-m", "tests.redis.publish_worker", redis_server.url, prefix, "jobs", "20"]
+        result = await anyio.run_process(command, cwd=REPO_ROOT, check=False)
+        assert result.returncode == 0, result.stderr.decode()
+        epoch, first, last = result.stdout.decode().split()
+        assert (epoch, int(first), int(last)) == (subscribed.epoch, 1, 20)
+        got = await events(ws, 20)
+        assert [(e.offset, e.event, e.data) for e in got] == [(i + 1, "work", {"n": i}) for i in range(20)]
+
+
+@dataclass
+class StreamingClient:
+    """Reads a topic, and on a dropped socket resumes from its cursor on the next URL."""
+
+    urls: list[str]
+    topic: str
+    offsets: list[int] = field(default_factory=list)
+    subscribed: list[Subscribed] = field(default_factory=list)
+    epoch: str | None = None
+
+    async def run(self, changed: Callable[[], None]) -> None:
+        for url in self.urls:
+            try:
+                async with await open_client(url) as ws:
+                    cursor = (self.epoch, self.offsets[-1] if self.offsets else 0) if self.epoch else None
+                    reply = await subscribe(ws, self.topic, cursor)  # type: ignore[arg-type]
+                    self.subscribed.append(reply)
+                    self.epoch = reply.epoch
+                    changed()
+                    async for message in ws:
+                        frame = parse_server_frame(message)
+                        if isinstance(frame, EventFrame):
+                            self.offsets.append(frame.offset)
+                            changed()
+            except (ConnectionClosed, OSError):
+                continue
+        raise AssertionError("ran out of servers")
+
+
+async def test_sigkill_of_a_worker_while_clients_stream_they_resume_on_the_other(
+    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+) -> None:
+    prefix, a, b = await anyio.to_thread.run_sync(two_workers, redis_server, uvicorn_factory)
+    clients = [StreamingClient([a.ws_url, b.ws_url], "feed") for _ in range(4)]
+    progress = anyio.Event()
+
+    def changed() -> None:
+        nonlocal progress
+        progress.set()
+        progress = anyio.Event()
+
+    async def until(condition: Callable[[], bool], within: float = 20) -> None:
+        with anyio.fail_after(within):
+            while not condition():
+                await progress.wait()
+
+    published: list[int] = []
+    killed = anyio.Event()
+    done = anyio.Event()
+    store = RedisStore.from_url(redis_server.url, prefix=prefix)
+    async with Replay(store) as publisher, anyio.create_task_group() as tg:
+        for client in clients:
+            tg.start_soon(client.run, changed)
+        await until(lambda: all(c.subscribed for c in clients))
+
+        async def publish() -> None:
+            after_kill = 0
+            while after_kill < 100:
+                published.append((await publisher.publish("feed", "tick", {"i": len(published)})).offset)
+                after_kill += killed.is_set()
+                await anyio.sleep(0.003)  # pacing the feed, not synchronising
+            done.set()
+            changed()
+
+        tg.start_soon(publish)
+        await until(lambda: all(len(c.offsets) >= 30 for c in clients))
+        await anyio.to_thread.run_sync(a.kill)
+        killed.set()
+        await until(lambda: done.is_set() and all(c.offsets[-1:] == published[-1:] for c in clients))
+        tg.cancel_scope.cancel()
+    total = len(published)
+    assert published == list(range(1, total + 1))
+    for client in clients:
+        assert client.offsets == list(range(1, total + 1))
+        first, second = client.subscribed
+        assert (first.resumed, second.resumed, second.recovered) == (False, True, True)
+        assert second.epoch == first.epoch
