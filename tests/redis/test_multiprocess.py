@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from starlette_replay import RedisStore, Replay
+from starlette_replay import RedisStore, Replay, StoreUnavailable
 from starlette_replay.protocol import EventFrame, Subscribed, parse_server_frame
 from tests.redis.launcher import REPO_ROOT, UvicornProcess
 from tests.redis_server import RedisServer
@@ -192,3 +192,61 @@ async def test_sigkill_of_a_worker_while_clients_stream_they_resume_on_the_other
         first, second = client.subscribed
         assert (first.resumed, second.resumed, second.recovered) == (False, True, True)
         assert second.epoch == first.epoch
+
+
+async def test_flushall_closes_live_clients_with_1013_and_they_resume_unrecovered(
+    redis_server_factory: Callable[..., RedisServer], uvicorn_factory: Callable[..., UvicornProcess]
+) -> None:
+    server = redis_server_factory()
+    web = await anyio.to_thread.run_sync(uvicorn_factory, server.url, "flush")
+    async with await open_client(web.ws_url) as ws:
+        before = await subscribe(ws, "t")
+        assert await publish_via(web, "t", 2) == [1, 2]
+        assert [e.offset for e in await events(ws, 2)] == [1, 2]
+        await anyio.to_thread.run_sync(server.flushall)
+        assert await publish_via(web, "t", 1) == [1]  # a new epoch
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    async with await open_client(web.ws_url) as ws:
+        after = await subscribe(ws, "t", (before.epoch, 2))
+        assert after.epoch != before.epoch
+        assert (after.resumed, after.recovered, after.offset, after.replayed) == (True, False, 1, 1)
+        assert [e.offset for e in await events(ws, 1)] == [1]
+
+
+async def test_a_redis_restart_under_live_clients_loses_nothing_and_keeps_their_sockets(
+    redis_server_factory: Callable[..., RedisServer], uvicorn_factory: Callable[..., UvicornProcess]
+) -> None:
+    server = redis_server_factory(appendonly=True)
+    web = await anyio.to_thread.run_sync(uvicorn_factory, server.url, "restart")
+    published: list[int] = []
+    restarted = anyio.Event()
+    async with await open_client(web.ws_url) as ws:
+        await subscribe(ws, "t")
+        store = RedisStore.from_url(server.url, prefix="restart", publish_timeout=2)
+        async with Replay(store) as publisher, anyio.create_task_group() as tg:
+
+            async def publish() -> None:
+                i = after = 0
+                while after < 50:
+                    with anyio.fail_after(30):
+                        while True:
+                            try:
+                                event = await publisher.publish("t", "e", i, idempotency_key=f"k{i}")
+                                break
+                            except StoreUnavailable:
+                                await anyio.sleep(0.05)  # a publisher's retry pause
+                    published.append(event.offset)
+                    i += 1
+                    after += restarted.is_set()
+                    await anyio.sleep(0.003)  # pacing the feed, not synchronising
+
+            tg.start_soon(publish)
+            got = [e.offset for e in await events(ws, 30)]
+            await anyio.to_thread.run_sync(server.restart)
+            restarted.set()
+        got += [e.offset for e in await events(ws, len(published) - len(got))]
+    assert published == list(range(1, len(published) + 1))
+    assert got == published
