@@ -67,13 +67,16 @@ end
 local n = tonumber(ARGV[6])
 local now = redis.call('TIME')
 local ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
-local first = redis.call('HINCRBY', meta, 'head', n) - n + 1
+local first = tonumber(redis.call('HGET', meta, 'head')) + 1
 local parts = {epoch, '|', first, '|', ms, '|', n, '|'}
+-- XADD before the head moves: a script that fails is not rolled back, and only
+-- the first XADD can fail (an id at or below the stream's top), with nothing written yet.
 for i = 1, n do
   local etype, raw = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   redis.call('XADD', log, (first + i - 1) .. '-0', 't', etype, 'd', raw, 'ms', ms)
   parts[#parts + 1] = #etype .. ':' .. etype .. #raw .. ':' .. raw
 end
+redis.call('HINCRBY', meta, 'head', n)
 redis.call('XTRIM', log, 'MAXLEN', ARGV[2])
 if key ~= '' then
   redis.call('HSET', idem, key, first .. ':' .. (first + n - 1))
@@ -357,7 +360,7 @@ class RedisStore:
         also after a send when ``retry`` says the command is safe to run twice.
         """
         from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import RedisError, ResponseError
+        from redis.exceptions import NoScriptError, RedisError, ResponseError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
         pool = self._client.connection_pool
@@ -396,22 +399,21 @@ class RedisStore:
             raise StoreUnavailable(
                 f"Redis did not answer within publish_timeout={self.publish_timeout}s (last error: {last_error!r})"
             ) from (last_error or exc)
-        except ResponseError:
-            raise
+        except NoScriptError:
+            raise  # for _eval, which then sends the script's body
+        except ResponseError as exc:
+            raise StoreError(f"Redis refused {_text(args[0])}: {exc}") from exc
         except RedisError as exc:
             raise StoreError(f"Redis failed: {exc}") from exc
 
     async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any], *, retry: bool = True) -> Any:
-        from redis.exceptions import NoScriptError, ResponseError
+        from redis.exceptions import NoScriptError
 
         try:
-            try:
-                return await self._execute("EVALSHA", script.sha, len(keys), *keys, *args, retry=retry)
-            except NoScriptError:
-                # not run: safe to send the body (it is cached for the next EVALSHA)
-                return await self._execute("EVAL", script.body, len(keys), *keys, *args, retry=retry)
-        except ResponseError as exc:
-            raise StoreError(f"Redis refused a script: {exc}") from exc
+            return await self._execute("EVALSHA", script.sha, len(keys), *keys, *args, retry=retry)
+        except NoScriptError:
+            # not run: safe to send the body (it is cached for the next EVALSHA)
+            return await self._execute("EVAL", script.body, len(keys), *keys, *args, retry=retry)
 
     # --- the log ---------------------------------------------------------------------
 
@@ -542,20 +544,18 @@ class RedisStore:
                 await self._client.aclose()
 
     async def _check_durability(self) -> None:
-        from redis.exceptions import ResponseError
-
         try:
             appendonly = _config(await self._execute("CONFIG", "GET", "appendonly"))
             policy = _config(await self._execute("CONFIG", "GET", "maxmemory-policy"))
-        except ResponseError as exc:
-            logger.warning(
-                "cannot read Redis's persistence settings (CONFIG GET refused: %s); make sure the server "
-                "runs with appendonly yes and maxmemory-policy noeviction, or events can be lost",
-                exc,
-            )
+        except StoreUnavailable as exc:
+            logger.warning("Redis unreachable at startup (%s); live events start once it is back", exc)
             return
         except StoreError as exc:
-            logger.warning("Redis unreachable at startup (%s); live events start once it is back", exc)
+            logger.warning(
+                "cannot read Redis's persistence settings (%s); make sure the server runs with "
+                "appendonly yes and maxmemory-policy noeviction, or events can be lost",
+                exc,
+            )
             return
         if appendonly != "yes":
             logger.warning(
@@ -715,6 +715,11 @@ class RedisStore:
             state.epoch = position.epoch
         elif position.epoch != state.epoch:
             self._reset(topic, state, "topic epoch changed", position.epoch, position.head)
+            return
+        elif position.head < state.last:
+            # Same epoch, older head: Redis lost writes it had acknowledged (a failover
+            # or an old AOF). Offsets will be reused; the clients must hear of it.
+            self._reset(topic, state, "Redis lost acknowledged events (head moved back)", position.epoch, position.head)
             return
         if position.head > state.last:
             await self._repair(topic, state, position.head)

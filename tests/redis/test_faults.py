@@ -224,3 +224,27 @@ async def other_position(server: RedisServer, password: str) -> tuple[str, int, 
     finally:
         await store.aclose()
     return position.epoch, position.head, position.oldest
+
+
+async def test_a_head_that_moved_back_is_reported_as_lost_events(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    # What a failover to a lagging replica looks like: same epoch, the last writes gone.
+    server = redis_server_factory()
+    async with connected(server.url, prefix="p") as (store, sink):
+        await store.subscribe("t")
+        published = await store.append("t", [("e", str(i)) for i in range(3)])
+        with server.client() as client:
+            replica = {key: client.dump(key) for key in ("p:{t}:meta", "p:{t}:log")}
+        published += await store.append("t", [("e", str(i)) for i in range(3, 5)])
+        await sink.wait_for(lambda: len(sink.of("t")) == 5)
+        with server.client() as client:  # the failover: the replica's keys come back
+            for key, value in replica.items():
+                client.restore(key, 0, value, replace=True)
+            assert client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+        await sink.wait_for(lambda: len(sink.resets) == 1)
+        assert sink.resets[0][0] == "t" and "head moved back" in sink.resets[0][1]
+        (reused,) = await store.append("t", [("e", "new")])
+        assert (reused.epoch, reused.offset) == (published[0].epoch, 4)
+        await sink.wait_for(lambda: len(sink.of("t")) == 6)
+        assert sink.of("t")[-1] == reused
