@@ -128,7 +128,7 @@ async def test_subscribe_then_append_delivers_in_order(open_store: Any) -> None:
         await store.subscribe("t")
         published = await store.append("t", [("e", "1")])
         published += await store.append("t", [("e", "2"), ("e", "3"), ("e", "4")])
-        published += await store.append("t", [("e", "5")])
+        published += await store.append("t", [("e:x.y", '{"text": "caf\u00e9 \u2603 \U0001f600 | 3:abc"}')])
         await store.append("not-subscribed", [("e", "x")])
         await sink.wait_for(lambda: len(sink.of("t")) >= 5)
         assert sink.of("t") == published

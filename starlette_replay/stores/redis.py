@@ -762,6 +762,9 @@ class RedisStore:
             for event in events:
                 if event.offset > upto:
                     break
+                if event.offset != state.last + 1:  # a hole inside the stream (XDEL)
+                    self._reset(topic, state, "live events missed and no longer retained", epoch, upto)
+                    return
                 state.last = event.offset
                 self._deliver(event)
 
