@@ -23,7 +23,7 @@ from .events import Event
 from .hub import Hub
 from .protocol import CloseCode, check_topic
 from .publisher import Publisher
-from .stores.base import EventStore
+from .stores.base import EventStore, Position
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class Replay:
         self._connections: set[Connection] = set()
         self._all_closed: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
+        self._scope: anyio.CancelScope | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
 
@@ -139,9 +140,13 @@ class Replay:
         if self._stack is not None:
             raise RuntimeError("this Replay is already running")
         async with AsyncExitStack() as stack:
+            # Entered around the store's context so that aclose() can shield it:
+            # a task group inside that context must be exited as the innermost scope.
+            scope = stack.enter_context(anyio.CancelScope())
             await stack.enter_async_context(self.store.connect(self.hub))
             self._token = anyio.lowlevel.current_token()
             self._loop_thread = threading.get_ident()
+            self._scope = scope
             self._stack = stack.pop_all()
         return self
 
@@ -159,6 +164,9 @@ class Replay:
         if stack is None:
             return
         self._token = None
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope.shield = True
         with anyio.CancelScope(shield=True):
             if self._connections:
                 logger.info("shutting down: closing %d connections", len(self._connections))
@@ -167,9 +175,9 @@ class Replay:
                     connection.abort(CloseCode.GOING_AWAY, "server shutting down")
                 with anyio.move_on_after(self.limits.close_timeout + 1):
                     await self._all_closed.wait()
-        # Outside the shield: a store's connect() may own a task group, which must be
-        # exited from the cancel scope it was entered in (the store shields its own clean-up).
         try:
+            # Not inside a new shielding scope (a task group in the store's context
+            # must be exited as the innermost scope): `scope` shields it instead.
             await stack.aclose()
         finally:
             with anyio.CancelScope(shield=True):
@@ -252,6 +260,18 @@ class Replay:
             raise ValueError(f"after must be a non-negative integer or None, not {after!r}")
         self._check_running()
         return await self.store.read(topic, 0 if after is None else after, limit)
+
+    async def position(self, topic: str) -> Position:
+        """The topic's epoch, head and oldest retained offset.
+
+        With :meth:`history` this gives an app a consistent snapshot: read the
+        events up to ``head``, show them, and have the client subscribe from
+        ``(epoch, head)`` so that nothing between the snapshot and live is missed.
+        Raises ``InvalidTopic``, ``NotRunning``, ``StoreUnavailable``. Safe to cancel.
+        """
+        check_topic(topic)
+        self._check_running()
+        return await self.store.position(topic)
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""
