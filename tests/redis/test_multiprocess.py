@@ -22,8 +22,8 @@ from websockets.exceptions import ConnectionClosed
 
 from starlette_replay import RedisStore, Replay, StoreUnavailable
 from starlette_replay.protocol import EventFrame, Subscribed, parse_server_frame
-from tests.redis.launcher import REPO_ROOT, UvicornProcess
 from tests.redis_server import RedisServer
+from tests.servers import REPO_ROOT, ServerFactory, UvicornServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -54,37 +54,41 @@ async def events(ws: ClientConnection, count: int) -> list[EventFrame]:
     return got
 
 
-async def publish_via(server: UvicornProcess, topic: str, count: int) -> list[int]:
+async def publish_via(server: UvicornServer, topic: str, count: int) -> list[int]:
     async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
         response = await http.post(f"/publish/{topic}", json={"count": count})
     response.raise_for_status()
     return list(response.json()["offsets"])
 
 
-def two_workers(
-    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
-) -> tuple[str, UvicornProcess, UvicornProcess]:
+def start_web(servers: ServerFactory, redis_url: str, prefix: str, name: str) -> UvicornServer:
+    """One uvicorn process running ``tests.redis.app`` on ``redis_url`` (blocking: run it in a thread)."""
+    env = {"REPLAY_REDIS_URL": redis_url, "REPLAY_PREFIX": prefix}
+    return servers(name=name, app="tests.redis.app:make_app", env=env)
+
+
+def two_workers(redis_server: RedisServer, servers: ServerFactory) -> tuple[str, UvicornServer, UvicornServer]:
     prefix = f"mp{secrets.token_hex(4)}"
-    return prefix, uvicorn_factory(redis_server.url, prefix), uvicorn_factory(redis_server.url, prefix)
+    return prefix, start_web(servers, redis_server.url, prefix, "a"), start_web(servers, redis_server.url, prefix, "b")
 
 
 async def test_published_in_a_received_in_b_then_resumed_on_b_after_leaving_a(
-    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+    redis_server: RedisServer, uvicorn_servers: ServerFactory
 ) -> None:
-    _, a, b = await anyio.to_thread.run_sync(two_workers, redis_server, uvicorn_factory)
-    async with await open_client(b.ws_url) as on_b:
+    _, a, b = await anyio.to_thread.run_sync(two_workers, redis_server, uvicorn_servers)
+    async with await open_client(b.ws_url()) as on_b:
         fresh = await subscribe(on_b, "room")
         assert (fresh.offset, fresh.resumed, fresh.recovered) == (0, False, False)
         assert await publish_via(a, "room", 3) == [1, 2, 3]
         assert [(e.offset, e.data) for e in await events(on_b, 3)] == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
 
     # a client on A leaves after offset 3; more is published; it comes back on B
-    async with await open_client(a.ws_url) as on_a:
+    async with await open_client(a.ws_url()) as on_a:
         await subscribe(on_a, "room", (fresh.epoch, 0))
         seen = await events(on_a, 3)
     assert [e.offset for e in seen] == [1, 2, 3]
     assert await publish_via(a, "room", 3) == [4, 5, 6]
-    async with await open_client(b.ws_url) as on_b:
+    async with await open_client(b.ws_url()) as on_b:
         resumed = await subscribe(on_b, "room", (fresh.epoch, 3))
         assert (resumed.epoch, resumed.offset, resumed.resumed, resumed.recovered, resumed.replayed) == (
             fresh.epoch,
@@ -100,11 +104,11 @@ async def test_published_in_a_received_in_b_then_resumed_on_b_after_leaving_a(
 
 
 async def test_a_publish_only_worker_reaches_clients_of_a_web_worker(
-    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+    redis_server: RedisServer, uvicorn_servers: ServerFactory
 ) -> None:
     prefix = f"mp{secrets.token_hex(4)}"
-    web = await anyio.to_thread.run_sync(uvicorn_factory, redis_server.url, prefix)
-    async with await open_client(web.ws_url) as ws:
+    web = await anyio.to_thread.run_sync(start_web, uvicorn_servers, redis_server.url, prefix, "web")
+    async with await open_client(web.ws_url()) as ws:
         subscribed = await subscribe(ws, "jobs")
         command = [sys.executable, "-m", "tests.redis.publish_worker", redis_server.url, prefix, "jobs", "20"]
         result = await anyio.run_process(command, cwd=REPO_ROOT, check=False)
@@ -158,10 +162,10 @@ class StreamingClient:
 
 
 async def test_sigkill_of_a_worker_while_clients_stream_they_resume_on_the_other(
-    redis_server: RedisServer, uvicorn_factory: Callable[..., UvicornProcess]
+    redis_server: RedisServer, uvicorn_servers: ServerFactory
 ) -> None:
-    prefix, a, b = await anyio.to_thread.run_sync(two_workers, redis_server, uvicorn_factory)
-    clients = [StreamingClient([a.ws_url, b.ws_url], "feed") for _ in range(4)]
+    prefix, a, b = await anyio.to_thread.run_sync(two_workers, redis_server, uvicorn_servers)
+    clients = [StreamingClient([a.ws_url(), b.ws_url()], "feed") for _ in range(4)]
     progress = anyio.Event()
 
     def changed() -> None:
@@ -209,11 +213,11 @@ async def test_sigkill_of_a_worker_while_clients_stream_they_resume_on_the_other
 
 
 async def test_flushall_closes_live_clients_with_1013_and_they_resume_unrecovered(
-    redis_server_factory: Callable[..., RedisServer], uvicorn_factory: Callable[..., UvicornProcess]
+    redis_server_factory: Callable[..., RedisServer], uvicorn_servers: ServerFactory
 ) -> None:
     server = redis_server_factory()
-    web = await anyio.to_thread.run_sync(uvicorn_factory, server.url, "flush")
-    async with await open_client(web.ws_url) as ws:
+    web = await anyio.to_thread.run_sync(start_web, uvicorn_servers, server.url, "flush", "web")
+    async with await open_client(web.ws_url()) as ws:
         before = await subscribe(ws, "t")
         assert await publish_via(web, "t", 2) == [1, 2]
         assert [e.offset for e in await events(ws, 2)] == [1, 2]
@@ -223,7 +227,7 @@ async def test_flushall_closes_live_clients_with_1013_and_they_resume_unrecovere
             while True:
                 await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
-    async with await open_client(web.ws_url) as ws:
+    async with await open_client(web.ws_url()) as ws:
         after = await subscribe(ws, "t", (before.epoch, 2))
         assert after.epoch != before.epoch
         assert (after.resumed, after.recovered, after.offset, after.replayed) == (True, False, 1, 1)
@@ -231,13 +235,13 @@ async def test_flushall_closes_live_clients_with_1013_and_they_resume_unrecovere
 
 
 async def test_a_redis_restart_under_live_clients_loses_nothing_and_keeps_their_sockets(
-    redis_server_factory: Callable[..., RedisServer], uvicorn_factory: Callable[..., UvicornProcess]
+    redis_server_factory: Callable[..., RedisServer], uvicorn_servers: ServerFactory
 ) -> None:
     server = redis_server_factory(appendonly=True)
-    web = await anyio.to_thread.run_sync(uvicorn_factory, server.url, "restart")
+    web = await anyio.to_thread.run_sync(start_web, uvicorn_servers, server.url, "restart", "web")
     published: list[int] = []
     restarted = anyio.Event()
-    async with await open_client(web.ws_url) as ws:
+    async with await open_client(web.ws_url()) as ws:
         await subscribe(ws, "t")
         store = RedisStore.from_url(server.url, prefix="restart", publish_timeout=2)
         async with Replay(store) as publisher, anyio.create_task_group() as tg:
