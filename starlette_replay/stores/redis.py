@@ -126,6 +126,14 @@ end
 return {m[1], head, oldest, entries}
 """
 
+# KEYS: meta, log, idem, idemz. ARGV: ttl ms. Keeps a watched topic's history alive
+# (never brings back a topic that is gone).
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+return 1
+"""
+
 # KEYS: cursor key. ARGV: epoch, offset, ttl ms
 _SAVE_CURSOR = """
 local cur = redis.call('HMGET', KEYS[1], 'e', 'o')
@@ -164,6 +172,7 @@ class _Script:
 _APPEND_SCRIPT = _Script(_APPEND)
 _STATE_SCRIPT = _Script(_STATE)
 _CURSOR_SCRIPT = _Script(_SAVE_CURSOR)
+_TOUCH_SCRIPT = _Script(_TOUCH)
 
 
 class _State:
@@ -226,7 +235,8 @@ class RedisStore:
 
     ``history_size``: events kept per topic (trimmed exactly). ``history_ttl``:
     seconds after a topic's last publish until its keys expire (``None``: never);
-    an expired topic comes back in a new epoch. ``prefix`` starts every key and
+    an expired topic comes back in a new epoch. A topic with subscribers in a
+    process connected to this Redis does not expire. ``prefix`` starts every key and
     channel. ``publish_timeout``: seconds within which any call that needs Redis
     returns or raises :class:`~starlette_replay.StoreUnavailable`. ``cursor_ttl``:
     seconds a server-side cursor is kept after its last save.
@@ -521,6 +531,8 @@ class RedisStore:
             await self._check_durability()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen)
+                if self.history_ttl is not None:
+                    tg.start_soon(self._keep_watched_topics)
                 try:
                     yield
                 finally:
@@ -665,6 +677,23 @@ class RedisStore:
                 with anyio.fail_after(self.health_check_interval * 2 + 1):
                     reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
                 await self._handle(reply)
+
+    async def _keep_watched_topics(self) -> None:
+        """Refresh ``history_ttl`` of topics with subscribers here, as MemoryStore never forgets them.
+
+        Without it an idle topic that clients watch would expire, and its next
+        event would close them (new epoch) although they missed nothing.
+        """
+        assert self.history_ttl is not None
+        period = max(0.05, min(self.history_ttl / 3, 60.0))
+        while True:
+            await anyio.sleep(period)
+            for topic in list(self._topics):
+                try:
+                    await self._eval(_TOUCH_SCRIPT, self._keys(topic), [self._ttl_ms])
+                except StoreError as exc:
+                    logger.debug("could not refresh the TTL of %r: %r", topic, exc)
+                    break
 
     async def _ping(self, conn: AbstractConnection) -> None:
         while True:

@@ -179,3 +179,18 @@ async def test_replay_publishes_and_reads_history_through_redis(redis_server: Re
         assert (await replay.history("t", after=1, limit=1))[0].data == 1
     with anyio.fail_after(5):
         await store.aclose()  # again: safe
+
+
+async def test_a_watched_topic_does_not_expire_but_an_unwatched_one_does(redis_server: RedisServer) -> None:
+    async with connected(redis_server.url, prefix="watch", history_ttl=0.3) as (store, sink):
+        await store.subscribe("watched")
+        (watched,) = await store.append("watched", [("e", "1")])
+        (unwatched,) = await store.append("unwatched", [("e", "1")])
+        await anyio.sleep(1.0)  # the TTL passing is what is under test
+        assert (await store.position("unwatched")).epoch != unwatched.epoch
+        position = await store.position("watched")
+        assert (position.epoch, position.head) == (watched.epoch, 1)
+        await store.unsubscribe("watched")
+        await anyio.sleep(1.0)
+        assert (await store.position("watched")).epoch != watched.epoch
+        assert sink.resets == []
