@@ -188,6 +188,14 @@ class _State:
         self.ready = anyio.Event()
 
 
+def _get_connection(pool: Any) -> Any:
+    """``pool.get_connection()`` across redis-py versions (before 5.3 it needs a command name)."""
+    try:
+        return pool.get_connection()
+    except TypeError:
+        return pool.get_connection("EVALSHA")
+
+
 def _config(reply: Any) -> str:
     """The value of a one-parameter CONFIG GET reply (RESP2 list or RESP3 map)."""
     if isinstance(reply, dict):
@@ -381,7 +389,7 @@ class RedisStore:
                 while True:
                     attempt += 1
                     try:
-                        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                        conn = await _get_connection(pool)
                     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                         last_error = exc
                         await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
@@ -675,7 +683,8 @@ class RedisStore:
             tg.start_soon(self._ping, conn)
             while True:
                 with anyio.fail_after(self.health_check_interval * 2 + 1):
-                    reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+                    # no socket_timeout on this connection: the read blocks (the watchdog bounds it)
+                    reply = await conn.read_response(disable_decoding=True)
                 await self._handle(reply)
 
     async def _keep_watched_topics(self) -> None:
