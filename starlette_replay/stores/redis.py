@@ -232,6 +232,8 @@ def _parse_payload(topic: str, payload: bytes) -> list[Event]:
         for _ in range(2):
             colon = rest.index(b":", pos)
             size = int(rest[pos:colon])
+            if colon + 1 + size > len(rest):
+                raise ValueError("truncated payload")
             fields.append(rest[colon + 1 : colon + 1 + size].decode("utf-8"))
             pos = colon + 1 + size
         events.append(Event(topic, epoch, first + i, fields[0], fields[1], ms))
@@ -597,7 +599,7 @@ class RedisStore:
 
         Raises ``StoreUnavailable`` when that does not happen within
         ``publish_timeout``, and ``RuntimeError`` outside :meth:`connect`.
-        Cancelling is safe (call :meth:`unsubscribe` afterwards, as the hub does).
+        Cancelling is safe: an unconfirmed subscription is dropped again.
         """
         if self._sink is None:
             raise RuntimeError("RedisStore.subscribe() needs the store connected (async with store.connect(sink))")
@@ -608,8 +610,14 @@ class RedisStore:
             conn = self._conn
             if conn is not None:
                 await self._send(conn, "SUBSCRIBE", state.channel)
-        with anyio.move_on_after(self.publish_timeout):
-            await state.ready.wait()
+        try:
+            with anyio.move_on_after(self.publish_timeout):
+                await state.ready.wait()
+        finally:
+            if not state.ready.is_set() and self._topics.get(topic) is state:
+                # not confirmed (timeout or cancelled): do not leave it subscribed behind the caller's back
+                with anyio.CancelScope(shield=True):
+                    await self.unsubscribe(topic)
         if not state.ready.is_set():
             raise StoreUnavailable(f"Redis did not confirm the subscription to {topic!r} within publish_timeout")
 
@@ -720,7 +728,13 @@ class RedisStore:
             state = self._topics[topic]
             if not state.based:
                 return  # from before this subscription was confirmed
-            for event in _parse_payload(topic, bytes(reply[2])):
+            try:
+                events = _parse_payload(topic, bytes(reply[2]))
+            except ValueError:
+                # not ours (someone else published on the channel): the stream is the truth
+                logger.warning("ignoring a malformed message on %s", _text(reply[1]))
+                return
+            for event in events:
                 await self._offer(topic, state, event)
         elif kind in (b"subscribe", b"unsubscribe"):
             channel = _text(reply[1])

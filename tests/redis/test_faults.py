@@ -181,6 +181,9 @@ async def test_publish_raises_store_unavailable_within_publish_timeout_then_reco
         assert_exact(sink.of("t"), [first, *later])
         assert later[0].epoch == first.epoch  # AOF kept the topic
         assert sink.resets == []
+        # the subscription that failed was not left behind
+        with server.client() as client:
+            assert client.pubsub_channels() == [b"replay:{t}:live"]
 
 
 async def test_events_missed_and_trimmed_while_disconnected_reset_the_topic(

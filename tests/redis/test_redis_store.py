@@ -104,6 +104,11 @@ async def test_a_skipped_live_message_is_repaired_from_the_stream(redis_server: 
         await sink.wait_for(lambda: len(sink.of("t")) == 3)
         assert [e.offset for e in sink.of("t")] == [1, 2, 3]
         assert sink.of("t")[1].raw == "2" and sink.of("t")[2] == three and sink.of("t")[0] == one
+        # a malformed message (not ours) is ignored without dropping the connection
+        reconnects = store.reconnects
+        with redis_server.client() as client:
+            client.publish("gap:{t}:live", "not|a|replay|message")
+            client.publish("gap:{t}:live", f"{one.epoch}|9|1|1|5:e")
         # a replayed (duplicate) message is dropped
         with redis_server.client() as client:
             client.publish("gap:{t}:live", f"{one.epoch}|1|{one.time}|1|1:e1:1")
@@ -111,6 +116,7 @@ async def test_a_skipped_live_message_is_repaired_from_the_stream(redis_server: 
         await sink.wait_for(lambda: len(sink.of("t")) >= 4)
         assert [e.offset for e in sink.of("t")] == [1, 2, 3, 4] and sink.of("t")[3] == four
         assert sink.resets == []
+        assert store.reconnects == reconnects
 
 
 async def test_a_given_client_keeps_its_pool_for_commands_and_stays_open(redis_server: RedisServer) -> None:
