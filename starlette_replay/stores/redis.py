@@ -250,7 +250,10 @@ class RedisStore:
     channel. ``publish_timeout``: seconds within which any call that needs Redis
     returns or raises :class:`~starlette_replay.StoreUnavailable`. ``cursor_ttl``:
     seconds a server-side cursor is kept after its last save.
+    ``health_check_interval``: seconds between pings on the live connection (a
+    connection silent for twice that is reopened).
 
+    Raises ``ValueError`` for a bad option, ``ImportError`` without redis-py.
     ``RedisStore(client)`` uses an existing ``redis.asyncio.Redis``, which
     :meth:`aclose` leaves open; :meth:`from_url` makes and owns one. Either way
     live events use one extra connection of their own.
@@ -266,7 +269,6 @@ class RedisStore:
         publish_timeout: float = 5.0,
         cursor_ttl: float = 30 * 24 * 3600,
         health_check_interval: float = 5.0,
-        _owns_client: bool = False,
     ) -> None:
         try:
             import redis.asyncio  # noqa: F401
@@ -293,7 +295,7 @@ class RedisStore:
         self.cursor_ttl = cursor_ttl
         self.health_check_interval = float(health_check_interval)
         self._client = client
-        self._owns_client = _owns_client
+        self._owns_client = False  # from_url sets it
         self._ttl_ms = "0" if history_ttl is None else str(max(1, math.ceil(history_ttl * 1000)))
         self._cursor_ttl_ms = str(max(1, math.ceil(cursor_ttl * 1000)))
         self._sink: LiveSink | None = None
@@ -342,7 +344,7 @@ class RedisStore:
         }
         options.update(redis_options)
         client = redis.asyncio.Redis.from_url(url, **options)
-        return cls(
+        store = cls(
             client,
             history_size=history_size,
             history_ttl=history_ttl,
@@ -350,8 +352,9 @@ class RedisStore:
             publish_timeout=publish_timeout,
             cursor_ttl=cursor_ttl,
             health_check_interval=health_check_interval,
-            _owns_client=True,
         )
+        store._owns_client = True
+        return store
 
     def __repr__(self) -> str:
         return (
