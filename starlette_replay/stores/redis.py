@@ -253,7 +253,9 @@ class RedisStore:
     ``health_check_interval``: seconds between pings on the live connection (a
     connection silent for twice that is reopened).
 
-    Raises ``ValueError`` for a bad option, ``ImportError`` without redis-py.
+    Raises ``ValueError`` for a bad option, ``TypeError`` for a client without a
+    connection pool (``RedisCluster`` is not supported yet), ``ImportError``
+    without redis-py.
     ``RedisStore(client)`` uses an existing ``redis.asyncio.Redis``, which
     :meth:`aclose` leaves open; :meth:`from_url` makes and owns one. Either way
     live events use one extra connection of their own.
@@ -274,6 +276,8 @@ class RedisStore:
             import redis.asyncio  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(_MISSING_REDIS) from exc
+        if not hasattr(client, "connection_pool"):
+            raise TypeError(f"RedisStore needs a redis.asyncio.Redis client (not {type(client).__name__})")
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
             raise ValueError(f"history_size must be a positive integer, not {history_size!r}")
         for name, value in (
@@ -688,8 +692,9 @@ class RedisStore:
         self._conn = conn
         self._expect = {}  # confirmations due on this connection
         self.reconnects += 1
-        for state in list(self._topics.values()):
-            await self._send(conn, "SUBSCRIBE", state.channel)
+        for topic, state in list(self._topics.items()):
+            if self._topics.get(topic) is state:  # not unsubscribed meanwhile
+                await self._send(conn, "SUBSCRIBE", state.channel)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._ping, conn)
             while True:

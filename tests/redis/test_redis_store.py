@@ -200,3 +200,8 @@ async def test_a_watched_topic_does_not_expire_but_an_unwatched_one_does(redis_s
         await anyio.sleep(1.0)
         assert (await store.position("watched")).epoch != watched.epoch
         assert sink.resets == []
+
+
+def test_a_client_without_a_connection_pool_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
+        RedisStore(object())  # type: ignore[arg-type]
