@@ -18,7 +18,7 @@ from tests.redis_server import RecordingSink, RedisServer, redis_server  # noqa:
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["memory", "redis"]
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(params=BACKENDS)

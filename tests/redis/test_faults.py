@@ -19,7 +19,7 @@ import pytest
 from starlette_replay import Event, RedisStore, StoreUnavailable
 from tests.redis_server import RecordingSink, RedisServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ import redis.asyncio
 from starlette_replay import RedisStore, StoreUnavailable
 from tests.redis_server import RecordingSink, RedisServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
 class ReplyCutter:

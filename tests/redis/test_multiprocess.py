@@ -25,7 +25,7 @@ from starlette_replay.protocol import EventFrame, Subscribed, parse_server_frame
 from tests.redis_server import RedisServer
 from tests.servers import REPO_ROOT, ServerFactory, UvicornServer
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.e2e]
 
 
 async def open_client(url: str) -> ClientConnection:

@@ -16,7 +16,7 @@ import redis.asyncio
 from starlette_replay import Cursor, RedisStore, Replay, allow_all
 from tests.redis_server import RecordingSink, RedisServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
 @asynccontextmanager
