@@ -536,8 +536,9 @@ class RedisStore:
     async def connect(self, sink: LiveSink) -> AsyncIterator[None]:
         """Check the server's durability settings and run the live listener for ``sink``.
 
-        Redis being unreachable does not fail this: the listener keeps trying
-        (publishes raise ``StoreUnavailable`` meanwhile).
+        Redis being unreachable does not fail this (the check then takes up to
+        ``publish_timeout``): the listener keeps trying, and publishes raise
+        ``StoreUnavailable`` meanwhile.
         """
         if self._sink is not None:
             raise RuntimeError("this RedisStore is already connected to a hub")
@@ -651,6 +652,8 @@ class RedisStore:
                 await conn.disconnect(nowait=True)
 
     async def _listen(self) -> None:
+        from redis.exceptions import RedisError
+
         failures = 0
         while True:
             connected = self.reconnects
@@ -660,8 +663,11 @@ class RedisStore:
                 # a task group wraps the reader's error: log the error itself
                 while len(getattr(exc, "exceptions", ())) == 1:
                     exc = exc.exceptions[0]  # type: ignore[attr-defined]
-                level = logging.WARNING if failures == 0 else logging.DEBUG
-                logger.log(level, "Redis pub/sub connection lost (%r); reconnecting", exc)
+                if isinstance(exc, RedisError | StoreError | OSError):  # OSError: TimeoutError too
+                    level = logging.WARNING if failures <= 1 else logging.DEBUG
+                    logger.log(level, "Redis pub/sub connection lost (%r); reconnecting", exc)
+                else:  # a bug: say so loudly, and keep serving
+                    logger.error("the Redis listener failed; reconnecting", exc_info=exc)
             finally:
                 conn, self._conn = self._conn, None
                 if conn is not None:
@@ -692,6 +698,8 @@ class RedisStore:
         self._conn = conn
         self._expect = {}  # confirmations due on this connection
         self.reconnects += 1
+        if self.reconnects > 1:
+            logger.info("Redis pub/sub connection reopened; repairing %d topics", len(self._topics))
         for topic, state in list(self._topics.items()):
             if self._topics.get(topic) is state:  # not unsubscribed meanwhile
                 await self._send(conn, "SUBSCRIBE", state.channel)
