@@ -251,3 +251,20 @@ async def test_a_head_that_moved_back_is_reported_as_lost_events(
         assert (reused.epoch, reused.offset) == (published[0].epoch, 4)
         await sink.wait_for(lambda: len(sink.of("t")) == 6)
         assert sink.of("t")[-1] == reused
+
+
+async def test_a_restart_that_lost_the_data_resets_live_topics_and_starts_a_new_epoch(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory(appendonly=False)
+    async with connected(server.url) as (store, sink):
+        await store.subscribe("t")
+        before = await store.append("t", [("e", "1"), ("e", "2")])
+        await sink.wait_for(lambda: len(sink.of("t")) == 2)
+        await anyio.to_thread.run_sync(server.restart)  # nothing persisted: the topic is gone
+        await sink.wait_for(lambda: len(sink.resets) == 1, timeout=20)
+        assert sink.resets[0][0] == "t"
+        (after,) = await store.append("t", [("e", "3")])
+        assert after.epoch != before[0].epoch and after.offset == 1
+        await sink.wait_for(lambda: len(sink.of("t")) == 3)
+        assert sink.of("t")[2] == after
