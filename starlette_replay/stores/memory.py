@@ -127,24 +127,28 @@ class MemoryStore:
             entry = None
         if entry is None and create:
             entry = self._topics[topic] = _Topic(self.history_size)
-            self._forget_extra()
+            self._forget_extra(keep=topic)
         return entry
 
-    def _forget_extra(self) -> None:
-        """Drop expired topics, then the least recently published ones past ``max_topics``."""
+    def _forget_extra(self, keep: str) -> None:
+        """Drop expired topics, then the least recently published ones past ``max_topics``.
+
+        ``keep`` (the topic being created) is never dropped: when every other
+        topic is live the store goes over ``max_topics`` rather than lose it.
+        """
         now = time.monotonic()
         if self.history_ttl is not None:
             for name in list(islice(self._topics, 64)):
                 entry = self._topics[name]
                 if not self._expired(entry, now):
                     break
-                if name not in self._live:
+                if name not in self._live and name != keep:
                     del self._topics[name]
         if len(self._topics) > self.max_topics:
             for name in list(self._topics):
                 if len(self._topics) <= self.max_topics:
                     break
-                if name not in self._live:
+                if name not in self._live and name != keep:
                     del self._topics[name]
 
     # --- the log -----------------------------------------------------------------
