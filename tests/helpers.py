@@ -119,3 +119,23 @@ async def connect(
         aconnect_ws(f"http://testserver{path}", http, headers=all_headers) as ws,
     ):
         yield Client(ws)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    inner: list[BaseException] | None = getattr(exc, "exceptions", None)  # an exception group
+    if inner is not None:
+        return [leaf for child in inner for leaf in _leaves(child)]
+    return [exc]
+
+
+async def refused_handshake(app: Any, path: str = "/ws", **kwargs: Any) -> WebSocketDisconnect:
+    """Connect and expect the server to refuse before accepting; returns the close it sent."""
+    try:
+        async with connect(app, path, **kwargs):
+            pass
+    except BaseException as exc:  # the transport wraps it in an ExceptionGroup
+        for leaf in _leaves(exc):
+            if isinstance(leaf, WebSocketDisconnect):
+                return leaf
+        raise
+    raise AssertionError("the handshake was accepted")
