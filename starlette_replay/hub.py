@@ -36,6 +36,8 @@ __all__ = ["Hub", "Subscription"]
 
 logger = logging.getLogger("starlette_replay.hub")
 
+_UNSUBSCRIBE_TIMEOUT = 5.0
+
 
 class Subscription:
     """One connection's subscription to one topic."""
@@ -172,10 +174,15 @@ class Hub:
                 return
             if entry.listening:
                 entry.listening = False
-                try:
-                    await self.store.unsubscribe(sub.topic)
-                except Exception:
-                    logger.exception("store failed to unsubscribe %r", sub.topic)
+                # Bounded: this runs in shielded connection clean-up. An event that
+                # still arrives for the topic finds no entry and is ignored.
+                with anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT) as scope:
+                    try:
+                        await self.store.unsubscribe(sub.topic)
+                    except Exception:
+                        logger.exception("store failed to unsubscribe %r", sub.topic)
+                if scope.cancelled_caught:
+                    logger.warning("store did not unsubscribe %r within %ss", sub.topic, _UNSUBSCRIBE_TIMEOUT)
             if not entry.subs and self._topics.get(sub.topic) is entry:
                 del self._topics[sub.topic]
 

@@ -160,10 +160,11 @@ def encode_data(data: Any) -> str:
         raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(f"data is not JSON-serialisable: {exc}") from None
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidEvent("data contains a lone surrogate, which is not valid UTF-8") from None
+    if not raw.isascii():
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidEvent("data contains a lone surrogate, which is not valid UTF-8") from None
     return raw
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
-import anyio.lowlevel
 
 from .errors import InvalidEvent, NotRunning
 from .events import Event
@@ -35,7 +35,8 @@ class Publisher:
 
     def _encode(self, topic: str, event_type: str, data: Any) -> str:
         raw = encode_data(data)
-        size = len(raw.encode("utf-8")) + len(topic) + len(event_type) + _FRAME_OVERHEAD
+        size = (len(raw) if raw.isascii() else len(raw.encode("utf-8"))) + len(topic) + len(event_type)
+        size += _FRAME_OVERHEAD
         limit = self._replay.max_event_size
         if size > limit:
             raise InvalidEvent(f"encoded event is {size} bytes, over max_event_size={limit}")
@@ -85,14 +86,10 @@ class Publisher:
         :meth:`publish`, and ``RuntimeError`` when called from the event loop's
         own thread (use ``await publish(...)`` there).
         """
-        token = self._replay._token
+        token, loop_thread = self._replay._token, self._replay._loop_thread
         if token is None:
             raise NotRunning("the Replay is not running: start it before publishing")
-        try:
-            anyio.lowlevel.current_token()
-        except RuntimeError:
-            pass
-        else:
+        if threading.get_ident() == loop_thread:
             raise RuntimeError("publish_sync() was called from the event loop thread: use `await publish(...)`")
         return anyio.from_thread.run(
             lambda: self.publish(topic, event_type, data, idempotency_key=idempotency_key),

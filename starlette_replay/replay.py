@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from importlib import resources
@@ -116,6 +117,7 @@ class Replay:
         self._all_closed: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop_thread: int | None = None
 
     def __repr__(self) -> str:
         return f"Replay(store={self.store!r}, running={self.running})"
@@ -139,6 +141,7 @@ class Replay:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.store.connect(self.hub))
             self._token = anyio.lowlevel.current_token()
+            self._loop_thread = threading.get_ident()
             self._stack = stack.pop_all()
         return self
 
