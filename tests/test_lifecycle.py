@@ -249,3 +249,47 @@ def test_replay_constructor_types() -> None:
     assert isinstance(replay.store, MemoryStore)
     assert replay.allowed_origins == ["https://a.example"]
     assert "running=False" in repr(replay)
+
+
+async def test_handshake_accepted_during_shutdown_is_closed_1001() -> None:
+    """A socket accepted while aclose() runs must not be served by a stopped Replay."""
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    app = make_app(replay)
+    accepting = anyio.Event()
+    release = anyio.Event()
+    sent: list[dict[str, Any]] = []
+    to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](10)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.accept":
+            accepting.set()
+            await release.wait()
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return await app_inbox.receive()
+
+    scope = {
+        "type": "websocket",
+        "scheme": "ws",
+        "path": "/ws",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "subprotocols": ["replay.v1"],
+        "state": {},
+    }
+    async with running(app):
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg, to_app, app_inbox:
+                await to_app.send({"type": "websocket.connect"})
+                tg.start_soon(app, scope, receive, send)
+                await accepting.wait()
+                await replay.aclose()
+                release.set()
+                await to_app.send({"type": "websocket.receive", "text": '{"type": "subscribe", "topic": "t"}'})
+                await anyio.wait_all_tasks_blocked()
+                await to_app.send({"type": "websocket.disconnect", "code": 1000})
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"], sent
+    assert sent[-1]["code"] == 1001
+    assert replay.stats() == ZERO
