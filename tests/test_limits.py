@@ -340,14 +340,19 @@ async def test_epoch_change_under_a_live_subscriber_closes_1013() -> None:
         assert await c.closed() == 1013
 
 
-async def test_gap_in_live_events_closes_1013() -> None:
+async def test_gap_in_live_events_closes_1013_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     replay = Replay(MemoryStore(), authorize=allow_all)
     async with running(make_app(replay)) as app, connect(app) as c, connect(app) as other:
         sub = await c.subscribe("t")
         await other.subscribe("u")
-        replay.hub.deliver(Event("t", sub["epoch"], 2, "x", "1", 0))
+        with caplog.at_level("WARNING", logger="starlette_replay.hub"):
+            # a burst arriving after the hole: one warning, not one per event
+            for offset in range(2, 200):
+                replay.hub.deliver(Event("t", sub["epoch"], offset, "x", "1", 0))
         assert await c.closed() == 1013
         await other.nothing_pending()
+    gaps = [r for r in caplog.records if "gap in live events" in r.getMessage()]
+    assert len(gaps) == 1, [r.getMessage() for r in gaps[:3]]
 
 
 async def test_store_reset_closes_the_topic_subscribers_1013() -> None:
