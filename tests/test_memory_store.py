@@ -202,6 +202,30 @@ def test_max_topics_forgets_the_least_recently_published() -> None:
     assert b2.epoch != b.epoch and b2.offset == 1
 
 
+def test_max_topics_forgets_never_published_topics_before_published_ones() -> None:
+    """Subscribing to topics nobody publishes to must not push out topics with history."""
+    store = MemoryStore(max_topics=3)
+    (a,) = publish(store, "a")
+    publish(store, "b")
+    for i in range(10):
+        run(store.position(f"empty:{i}"))  # what a subscribe to an unknown topic does
+    publish(store, "c")
+    assert run(store.position("a")).epoch == a.epoch
+    assert offsets(run(store.read("a", 0, 10))) == [1]
+    assert offsets(run(store.read("b", 0, 10))) == [1]
+    assert len(store._topics) <= 3
+
+
+def test_ttl_sweep_still_works_with_never_published_topics(clock: Clock) -> None:
+    store = MemoryStore(history_ttl=10)
+    publish(store, "old")
+    clock.now += 5
+    run(store.position("empty"))
+    clock.now += 6
+    publish(store, "new")
+    assert "old" not in store._topics
+
+
 def test_max_topics_spares_topics_with_live_subscribers() -> None:
     store = MemoryStore(max_topics=2)
     sink = Sink()
