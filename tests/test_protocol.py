@@ -282,3 +282,35 @@ def test_event_frame_round_trips_any_payload(data: Any) -> None:
     frame = parse_server_frame(encode_event(make_event(raw=raw)))
     assert isinstance(frame, EventFrame)
     assert frame.data == json.loads(raw)
+
+
+# --- what the server echoes must be sendable as UTF-8 -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r'{"type": "ping", "ref": "\ud800"}',
+        r'{"type": "ping", "ref": "ok\udfff"}',
+        r'{"type": "subscribe", "topic": "t", "epoch": "\ud800", "offset": 1, "ref": "r"}',
+        r'{"type": "ack", "topic": "t", "epoch": "e\udc00", "offset": 1}',
+    ],
+)
+def test_lone_surrogates_are_bad_requests(text: str) -> None:
+    """A JSON escape can smuggle a lone surrogate in; echoing it would make a frame no socket can send."""
+    with pytest.raises(FrameError) as info:
+        parse_client_frame(text)
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    info.value.encode().encode("utf-8")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None, categories=["Cs", "Ll", "Nd"]), max_size=8))
+def test_replies_are_always_utf8(ref: str) -> None:
+    text = json.dumps({"type": "ping", "ref": ref})
+    try:
+        frame = parse_client_frame(text)
+    except FrameError as exc:
+        exc.encode().encode("utf-8")
+    else:
+        encode_pong(frame.ref).encode("utf-8")

@@ -345,3 +345,11 @@ async def test_client_helper_sees_clean_close(server: Server) -> None:
         assert isinstance(c, Client)
         await c.ws.close()
     assert server.replay.stats()["connections"] == 0
+
+
+async def test_lone_surrogate_ref_gets_an_error_and_the_connection_stays(server: Server) -> None:
+    async with server.connect() as c:
+        await c.send_text(r'{"type": "ping", "ref": "\ud800"}')
+        error = await c.recv()
+        assert (error["type"], error["code"], "ref" in error) == ("error", "bad_request", False)
+        await c.nothing_pending()
