@@ -268,6 +268,7 @@ class GatedStore(MemoryStore):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.armed = False
+        self.pause_on = {"position", "read"}
         self.pauses_send, self.pauses = anyio.create_memory_object_stream[anyio.Event](100)
 
     async def aclose(self) -> None:
@@ -275,18 +276,18 @@ class GatedStore(MemoryStore):
         self.pauses.close()
         await super().aclose()
 
-    async def _pause(self) -> None:
-        if self.armed:
+    async def _pause(self, method: str) -> None:
+        if self.armed and method in self.pause_on:
             resume = anyio.Event()
             await self.pauses_send.send(resume)
             await resume.wait()
 
     async def position(self, topic: str) -> Any:
-        await self._pause()  # events published now are both before the head and offered live
+        await self._pause("position")  # events published now are both before the head and offered live
         return await super().position(topic)
 
     async def read(self, topic: str, after: int, limit: int) -> list[Event]:
-        await self._pause()  # events published now are after the head: held back, then merged
+        await self._pause("read")  # events published now are after the head: held back, then merged
         return await super().read(topic, after, limit)
 
 
@@ -363,3 +364,34 @@ async def test_store_reset_closes_the_topic_subscribers_1013() -> None:
         replay.hub.reset("t", "lost contact")
         assert await c.closed() == 1013
         await other.nothing_pending()
+
+
+@pytest.mark.parametrize("how", ["rewind", "cursor at the oldest", "cursor too old"])
+async def test_replay_from_the_oldest_of_a_full_topic_survives_a_publish(how: str) -> None:
+    """A busy topic at its history_size trims its oldest event on every publish. A
+    subscription that starts from the oldest retained event must not close with 1013 (and
+    so livelock: the client would come back to the same race) when that event goes
+    between reading the head and reading the history."""
+    store = GatedStore(history_size=10)
+    replay = Replay(store, authorize=allow_all)
+    async with running(make_app(replay)) as app, connect(app) as c:
+        first = await replay.publish_many("t", [("x", i) for i in range(12)])  # retains 3..12
+        epoch = first[0].epoch
+        fields: dict[str, Any] = {
+            "rewind": {"rewind": 100},
+            "cursor at the oldest": {"epoch": epoch, "offset": 2},
+            "cursor too old": {"epoch": epoch, "offset": 1},
+        }[how]
+        store.armed = True
+        store.pause_on = {"read"}
+        await c.send({"type": "subscribe", "topic": "t", **fields})
+        with anyio.fail_after(TIMEOUT):
+            resume = await store.pauses.receive()
+        await replay.publish("t", "x", "trims offset 3")
+        store.armed = False
+        resume.set()
+        sub = await c.recv_type("subscribed")
+        assert (sub["offset"], sub["replayed"], sub["recovered"]) == (12, 9, False)
+        assert sub["resumed"] is (how != "rewind")
+        assert [e["offset"] for e in await c.events(10)] == list(range(4, 14))
+        await c.nothing_pending()

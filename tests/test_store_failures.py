@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.failing: set[str] = set()
         self.failure: Exception = StoreUnavailable("redis is down")
+        self.reads_before_failing = 0
 
     def _maybe_fail(self, name: str) -> None:
         if name in self.failing:
@@ -37,7 +39,10 @@ class FlakyStore(MemoryStore):
         return await super().position(topic)
 
     async def read(self, topic: str, after: int, limit: int) -> list[Event]:
-        self._maybe_fail("read")
+        if self.reads_before_failing > 0:
+            self.reads_before_failing -= 1
+        else:
+            self._maybe_fail("read")
         return await super().read(topic, after, limit)
 
     async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
@@ -57,26 +62,29 @@ async def flaky() -> AsyncIterator[tuple[FlakyStore, Replay, Any]]:
         yield store, replay, app
 
 
-@pytest.mark.parametrize("method", ["subscribe", "position", "load_cursor"])
+@pytest.mark.parametrize("method", ["subscribe", "position", "load_cursor", "read"])
 async def test_subscribe_when_the_store_is_unavailable(flaky: tuple[FlakyStore, Replay, Any], method: str) -> None:
     store, replay, app = flaky
     async with connect(app) as c:
         store.failing = {method}
-        error = await c.request({"type": "subscribe", "topic": "t", "ref": "r"})
+        await replay.publish("t", "x", 0)
+        error = await c.request({"type": "subscribe", "topic": "t", "rewind": 1, "ref": "r"})
         assert (error["type"], error["code"], error["topic"], error["ref"]) == ("error", "unavailable", "t", "r")
         stats = replay.stats()
         assert (stats["subscriptions"], stats["topics"]) == (0, 0)
         store.failing = set()
         await c.subscribe("t")
         await replay.publish("t", "x", 1)
-        assert [e["offset"] for e in await c.events(1)] == [1]
+        assert [e["offset"] for e in await c.events(1)] == [2]
 
 
 async def test_store_lost_during_replay_closes_1013(flaky: tuple[FlakyStore, Replay, Any]) -> None:
     store, replay, app = flaky
+    replay.limits = replace(replay.limits, replay_page_size=2)
     await replay.publish_many("t", [("x", i) for i in range(5)])
     async with connect(app) as c:
         store.failing = {"read"}
+        store.reads_before_failing = 1  # the first page is read before `subscribed`
         # frames queued before the close (the `subscribed` reply) may or may not get out
         await c.send({"type": "subscribe", "topic": "t", "rewind": 5})
         assert await c.closed() == 1013
@@ -89,7 +97,7 @@ async def test_unexpected_store_error_closes_1011(flaky: tuple[FlakyStore, Repla
     async with connect(app) as c, connect(app) as other:
         await other.subscribe("t")
         store.failure = KeyError("bug in a store")
-        store.failing = {"read"}
+        store.failing = {"position"}
         await c.send({"type": "subscribe", "topic": "t", "rewind": 1})
         assert await c.closed() == 1011
         store.failing = set()
