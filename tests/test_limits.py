@@ -147,6 +147,7 @@ class FakeWebSocket:
         self.inbox: MemoryObjectReceiveStream[dict[str, Any]]
         self.inbox_send, self.inbox = anyio.create_memory_object_stream[dict[str, Any]](100)
         self.sent: list[dict[str, Any]] = []
+        self.texts: list[str] = []
         self.stalled = False
         self.unstall = anyio.Event()
         self.got_frame = anyio.Event()
@@ -162,6 +163,7 @@ class FakeWebSocket:
 
     async def send_text(self, text: str) -> None:
         self.send_attempted.set()
+        self.texts.append(text)  # what the connection tried to send, sent or not
         if self.stalled:
             await self.unstall.wait()
         self.sent.append(json.loads(text))
@@ -210,6 +212,8 @@ async def test_slow_consumer_closes_1013_while_others_keep_receiving() -> None:
         assert slow.closed_with is not None and slow.closed_with[0] == 1013
         await fast.wait_for(11)
         assert [f["offset"] for f in fast.sent[1:]] == list(range(1, 11))
+        # encoded once: both sockets were handed the very same string
+        assert fast.texts[1] is slow.texts[1]
         assert fast.closed_with is None
         fast.inbox_send.close()
     slow.close_streams()
