@@ -116,6 +116,7 @@ class Replay:
         self._connections: set[Connection] = set()
         self._all_closed: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
+        self._scope: anyio.CancelScope | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
 
@@ -139,9 +140,13 @@ class Replay:
         if self._stack is not None:
             raise RuntimeError("this Replay is already running")
         async with AsyncExitStack() as stack:
+            # Entered around the store's context so that aclose() can shield it:
+            # a task group inside that context must be exited as the innermost scope.
+            scope = stack.enter_context(anyio.CancelScope())
             await stack.enter_async_context(self.store.connect(self.hub))
             self._token = anyio.lowlevel.current_token()
             self._loop_thread = threading.get_ident()
+            self._scope = scope
             self._stack = stack.pop_all()
         return self
 
@@ -159,6 +164,9 @@ class Replay:
         if stack is None:
             return
         self._token = None
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope.shield = True
         with anyio.CancelScope(shield=True):
             if self._connections:
                 logger.info("shutting down: closing %d connections", len(self._connections))
@@ -167,9 +175,12 @@ class Replay:
                     connection.abort(CloseCode.GOING_AWAY, "server shutting down")
                 with anyio.move_on_after(self.limits.close_timeout + 1):
                     await self._all_closed.wait()
-            try:
-                await stack.aclose()
-            finally:
+        try:
+            # Not inside a new shielding scope (a task group in the store's context
+            # must be exited as the innermost scope): `scope` shields it instead.
+            await stack.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
                 await self.store.aclose()
 
     @asynccontextmanager
