@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -139,3 +139,39 @@ async def refused_handshake(app: Any, path: str = "/ws", **kwargs: Any) -> WebSo
                 return leaf
         raise
     raise AssertionError("the handshake was accepted")
+
+
+@asynccontextmanager
+async def lifespan_of(app: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Run ``app``'s ASGI lifespan in a task of its own; yields ``shutdown()``.
+
+    Unlike asgi-lifespan's manager, shutdown can be triggered from inside other
+    contexts (open clients): the lifespan task does the work, as under a server.
+    Shutdown runs on exit if it was not triggered.
+    """
+    to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+    to_test, test_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+    stopped = False
+
+    async def shutdown() -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
+        with anyio.fail_after(TIMEOUT):
+            await to_app.send({"type": "lifespan.shutdown"})
+            message = await test_inbox.receive()
+        assert message["type"] == "lifespan.shutdown.complete", message
+
+    async with anyio.create_task_group() as tg, to_app, app_inbox, to_test, test_inbox:
+        tg.start_soon(app, scope, app_inbox.receive, to_test.send)
+        with anyio.fail_after(TIMEOUT):
+            await to_app.send({"type": "lifespan.startup"})
+            message = await test_inbox.receive()
+        assert message["type"] == "lifespan.startup.complete", message
+        try:
+            yield shutdown
+        finally:
+            with anyio.CancelScope(shield=True):
+                await shutdown()

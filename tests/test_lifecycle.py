@@ -19,7 +19,7 @@ from starlette_replay import (
     allow_all,
 )
 
-from .helpers import TIMEOUT, connect, make_app, running
+from .helpers import TIMEOUT, connect, lifespan_of, make_app, running
 
 pytestmark = pytest.mark.anyio
 
@@ -28,12 +28,12 @@ ZERO = {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 async def test_shutdown_closes_open_connections_with_1001() -> None:
     replay = Replay(MemoryStore(), authorize=allow_all)
-    async with running(make_app(replay)) as app, connect(app) as a, connect(app) as b:
+    app = make_app(replay)
+    async with lifespan_of(app) as shutdown, connect(app) as a, connect(app) as b:
         await a.subscribe("t")
         await b.nothing_pending()
         assert replay.stats()["connections"] == 2
-        with anyio.fail_after(TIMEOUT):
-            await replay.aclose()
+        await shutdown()  # what the server does on SIGTERM
         assert await a.closed() == 1001
         assert await b.closed() == 1001
         assert replay.stats() == ZERO
@@ -279,13 +279,13 @@ async def test_handshake_accepted_during_shutdown_is_closed_1001() -> None:
         "subprotocols": ["replay.v1"],
         "state": {},
     }
-    async with running(app):
+    async with lifespan_of(app) as shutdown:
         with anyio.fail_after(TIMEOUT):
             async with anyio.create_task_group() as tg, to_app, app_inbox:
                 await to_app.send({"type": "websocket.connect"})
                 tg.start_soon(app, scope, receive, send)
                 await accepting.wait()
-                await replay.aclose()
+                await shutdown()
                 release.set()
                 await to_app.send({"type": "websocket.receive", "text": '{"type": "subscribe", "topic": "t"}'})
                 await anyio.wait_all_tasks_blocked()
