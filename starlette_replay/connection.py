@@ -235,7 +235,7 @@ class Connection:
                 size = len(text.encode("utf-8", "surrogatepass"))
             if size > max_size:
                 await self._stop(CloseCode.MESSAGE_TOO_BIG, f"frame larger than {max_size} bytes")
-            if await self._rate_limited():
+            if await self._rate_limited(text):
                 continue
             try:
                 if text is None:
@@ -244,11 +244,12 @@ class Connection:
             except FrameError as exc:
                 await self._refuse(exc)
 
-    async def _rate_limited(self) -> bool:
+    async def _rate_limited(self, text: str | None) -> bool:
         """Frame rate limit: a token bucket that may go into debt by one burst.
 
-        True when the frame must be dropped (a ``rate_limited`` error is queued);
-        past the debt the connection is closed with 1008.
+        True when the frame must be dropped (a ``rate_limited`` error is queued,
+        with the frame's ref and topic so the client knows which one to send
+        again); past the debt the connection is closed with 1008.
         """
         limits = self.limits
         now = time.monotonic()
@@ -259,7 +260,16 @@ class Connection:
             return False
         if self._tokens < -limits.frame_burst:
             await self._stop(CloseCode.POLICY_VIOLATION, "frame rate limit exceeded")
-        self._push(FrameError(ErrorCode.RATE_LIMITED, "frame dropped: too many frames per second").encode())
+        ref: Any = None
+        topic: str | None = None
+        if text is not None:
+            try:
+                frame = parse_client_frame(text)
+                ref, topic = frame.ref, getattr(frame, "topic", None)
+            except FrameError as exc:
+                ref, topic = exc.ref, exc.topic
+        message = "frame dropped: too many frames per second"
+        self._push(FrameError(ErrorCode.RATE_LIMITED, message, ref=ref, topic=topic).encode())
         return True
 
     async def _refuse(self, error: FrameError) -> None:

@@ -23,7 +23,7 @@ from .events import Event
 from .hub import Hub
 from .protocol import CloseCode, check_topic
 from .publisher import Publisher
-from .stores.base import EventStore
+from .stores.base import EventStore, Position
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -263,6 +263,18 @@ class Replay:
             raise ValueError(f"after must be a non-negative integer or None, not {after!r}")
         self._check_running()
         return await self.store.read(topic, 0 if after is None else after, limit)
+
+    async def position(self, topic: str) -> Position:
+        """The topic's epoch, head and oldest retained offset.
+
+        With :meth:`history` this gives an app a consistent snapshot: read the
+        events up to ``head``, show them, and have the client subscribe from
+        ``(epoch, head)`` so that nothing between the snapshot and live is missed.
+        Raises ``InvalidTopic``, ``NotRunning``, ``StoreUnavailable``. Safe to cancel.
+        """
+        check_topic(topic)
+        self._check_running()
+        return await self.store.position(topic)
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""

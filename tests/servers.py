@@ -21,6 +21,7 @@ meanwhile (the ``a*`` methods do that).
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -167,7 +168,7 @@ class UvicornServer:
             return
 
     def _spawn(self, port: int, timeout: float) -> None:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "REPLAY_PARENT_PID": str(os.getpid()), **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.starts += 1
@@ -188,7 +189,7 @@ class UvicornServer:
             if code is not None:
                 self.process = None
                 raise ServerError(f"{self.name} exited with {code} while starting; log:\n{self.log_tail(4000)}")
-            if self._healthy(self.host, port):
+            if self._healthy(self.host, port, self.process.pid):
                 return
             if time.monotonic() > deadline:
                 self.kill()
@@ -196,15 +197,24 @@ class UvicornServer:
             time.sleep(0.05)  # polling a process we do not control: nothing to wait on
 
     @staticmethod
-    def _healthy(host: str, port: int) -> bool:
+    def _healthy(host: str, port: int, pid: int) -> bool:
+        """``GET /health`` answers 200 (and, when it tells a ``pid``, from our process, not a stranger)."""
         conn = http.client.HTTPConnection(host, port, timeout=1.0)
         try:
             conn.request("GET", "/health")
-            return conn.getresponse().status == 200
+            response = conn.getresponse()
+            body = response.read()
         except OSError:
             return False
         finally:
             conn.close()
+        if response.status != 200:
+            return False
+        try:
+            told = json.loads(body).get("pid", pid)
+        except (ValueError, AttributeError):
+            return True
+        return bool(told == pid)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code (None if not running)."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from starlette_replay import MemoryStore, Replay, allow_all
+from starlette_replay import MemoryStore, NotRunning, Replay, allow_all
 
 pytestmark = pytest.mark.anyio
 
@@ -16,3 +16,16 @@ async def test_publish_then_history() -> None:
         (stored,) = await replay.history("t")
         assert stored == event
         assert json.loads(stored.raw) == {"text": "hi"}
+
+
+async def test_position_gives_a_snapshot_cursor() -> None:
+    async with Replay(MemoryStore(history_size=2), authorize=allow_all) as replay:
+        fresh = await replay.position("snap")
+        assert (fresh.head, fresh.oldest) == (0, 1)
+        events = await replay.publish_many("snap", [("a", 1), ("a", 2), ("a", 3)])
+        position = await replay.position("snap")
+        assert (position.epoch, position.head, position.oldest) == (fresh.epoch, 3, 2)
+        assert [e.offset for e in await replay.history("snap")] == [2, 3]
+        assert events[-1].offset == position.head
+    with pytest.raises(NotRunning):
+        await replay.position("snap")

@@ -4,13 +4,13 @@ Configured by environment variables (all optional):
 
 ``REPLAY_STORE``
     ``memory`` (default) or ``redis``.
-``REPLAY_REDIS_URL`` (or ``REDIS_URL``), ``REPLAY_REDIS_PREFIX``
-    For ``redis``: ``RedisStore.from_url(url, prefix=...)``.
+``REPLAY_REDIS_URL`` (or ``REDIS_URL``), ``REPLAY_REDIS_PREFIX``, ``REPLAY_PUBLISH_TIMEOUT``
+    For ``redis``: ``RedisStore.from_url(url, prefix=..., publish_timeout=...)``.
 ``REPLAY_HISTORY_SIZE``, ``REPLAY_HISTORY_TTL``
     The store's ``history_size`` / ``history_ttl``.
-``REPLAY_READ_DELAY``
-    Seconds to sleep in every ``store.read()`` call (wraps the store): widens
-    the replay -> live hand-off on purpose.
+``REPLAY_READ_DELAY``, ``REPLAY_POSITION_DELAY``
+    Seconds to sleep in every ``store.read()`` / ``store.position()`` call (wraps
+    the store): widen the replay -> live hand-off on purpose.
 ``REPLAY_SEND_QUEUE_SIZE``, ``REPLAY_MAX_MESSAGE_SIZE``, ``REPLAY_HEARTBEAT``,
 ``REPLAY_PAGE_SIZE``, ``REPLAY_MAX_FRAME_RATE``, ``REPLAY_FRAME_BURST``, ``REPLAY_CLOSE_TIMEOUT``,
 ``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``
@@ -19,6 +19,8 @@ Configured by environment variables (all optional):
     Comma-separated; unset means same-origin only.
 ``REPLAY_FORBIDDEN_PREFIX``
     Topics starting with it are refused by ``authorize`` (default ``forbidden``).
+``REPLAY_PARENT_PID``
+    Set by ``tests/servers.py``: the server shuts itself down when that process is gone.
 ``REPLAY_LOG_LEVEL``
     Level of the ``starlette_replay`` loggers, written to stderr (default ``INFO``).
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -69,15 +72,21 @@ logger = logging.getLogger("tests.e2e.apps")
 
 
 class SlowReadStore:
-    """Wraps a store; every ``read()`` first sleeps ``delay`` seconds."""
+    """Wraps a store; every ``read()`` first sleeps ``delay`` seconds, every ``position()`` ``position_delay``.
 
-    def __init__(self, inner: EventStore, delay: float) -> None:
+    A slow ``position()`` lets live events reach a new subscription between its
+    registration and the head it reads: events the replay will also send, which
+    the hand-off must drop.
+    """
+
+    def __init__(self, inner: EventStore, delay: float, position_delay: float = 0.0) -> None:
         self.inner = inner
         self.delay = delay
+        self.position_delay = position_delay
         self.reads = 0
 
     def __repr__(self) -> str:
-        return f"SlowReadStore({self.inner!r}, delay={self.delay})"
+        return f"SlowReadStore({self.inner!r}, delay={self.delay}, position_delay={self.position_delay})"
 
     def connect(self, sink: LiveSink) -> AbstractAsyncContextManager[None]:
         return self.inner.connect(sink)
@@ -99,6 +108,8 @@ class SlowReadStore:
         return await self.inner.read(topic, after, limit)
 
     async def position(self, topic: str) -> Position:
+        if self.position_delay:
+            await anyio.sleep(self.position_delay)
         return await self.inner.position(topic)
 
     async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
@@ -138,13 +149,16 @@ def make_store() -> EventStore:
             raise RuntimeError("REPLAY_STORE=redis needs REPLAY_REDIS_URL")
         if prefix := os.environ.get("REPLAY_REDIS_PREFIX"):
             options["prefix"] = prefix
+        if (publish_timeout := _env_float("REPLAY_PUBLISH_TIMEOUT")) is not None:
+            options["publish_timeout"] = publish_timeout
         redis_store: Any = RedisStore.from_url(url, **options)  # Any: a placeholder class until it lands
         store = redis_store
     else:
         raise RuntimeError(f"unknown REPLAY_STORE {kind!r}")
-    delay = _env_float("REPLAY_READ_DELAY")
-    if delay:
-        store = SlowReadStore(store, delay)
+    delay = _env_float("REPLAY_READ_DELAY") or 0.0
+    position_delay = _env_float("REPLAY_POSITION_DELAY") or 0.0
+    if delay or position_delay:
+        store = SlowReadStore(store, delay, position_delay)
     return store
 
 
@@ -183,6 +197,23 @@ def _configure_logging() -> None:
         named.propagate = False
 
 
+async def _exit_with_parent() -> None:
+    """SIGTERM this server once the test run that started it is gone (``REPLAY_PARENT_PID``).
+
+    A test run killed hard leaves no server listening behind it. The parent's
+    death has no event to wait on: this checks twice a second.
+    """
+    parent = _env_int("REPLAY_PARENT_PID")
+    if parent is None:
+        return
+    while True:
+        if os.getppid() != parent:
+            logger.warning("the test run (pid %d) is gone: shutting down", parent)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        await anyio.sleep(0.5)
+
+
 def make_app() -> Starlette:
     """Build the test app from the environment (see the module docstring)."""
     _configure_logging()
@@ -209,6 +240,7 @@ def make_app() -> Starlette:
         nonlocal task_group
         async with replay, anyio.create_task_group() as tg:
             task_group = tg
+            tg.start_soon(_exit_with_parent)
             try:
                 yield
             finally:
@@ -323,7 +355,16 @@ def make_fastapi_app() -> Any:
 
     _configure_logging()
     replay = Replay(make_store(), authorize=allow_all, **_replay_options())
-    app = FastAPI(lifespan=replay.lifespan)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # An app with a lifespan of its own nests the Replay's.
+        async with replay.lifespan(app), anyio.create_task_group() as tg:
+            tg.start_soon(_exit_with_parent)
+            yield
+            tg.cancel_scope.cancel()
+
+    app = FastAPI(lifespan=lifespan)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

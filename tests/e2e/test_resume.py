@@ -93,3 +93,23 @@ async def test_stored_cursor_resumes_an_identity_without_a_cursor(uvicorn_server
     assert reloaded.offsets(TOPIC) == [5, 6, 7]
     assert [d.data["tag"] for d in reloaded.delivered[TOPIC]] == ["missed"] * 3
     assert not reloaded.violations
+
+
+async def test_resume_older_than_the_retained_history_says_so(uvicorn_servers: ServerFactory) -> None:
+    """A cursor the store no longer covers: `recovered` false, and everything retained is replayed."""
+    server = uvicorn_servers(env={"REPLAY_HISTORY_SIZE": 10})
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=5.0) as http:
+        epoch, last = await publish(http, TOPIC, 30, "old")
+        client = Subscriber(server.ws_url(), [TOPIC], name="late", expect_recovered=False)
+        client.cursors[TOPIC] = (epoch, 5)
+        try:
+            with anyio.fail_after(10):
+                await client.connect()
+                frame = await first_subscribed(client)
+                assert (frame.resumed, frame.recovered, frame.offset, frame.replayed) == (True, False, 30, 10)
+                await client.read_until({TOPIC: last})
+                await client.drop()
+        finally:
+            client.abort()
+    assert client.offsets(TOPIC) == list(range(21, 31))
+    assert client.violations == []

@@ -1,0 +1,215 @@
+"""A user writes to an "agent"; the agent answers later on the user's own topic.
+
+The scenario starlette_replay exists for: the answer is published while the
+browser may be disconnected (a train tunnel, a laptop lid, a dropped socket),
+and must still arrive, exactly once, when the page reconnects.
+
+* ``GET /`` sets a ``uid`` cookie (the demo's idea of a login) and serves the page.
+* ``GET /api/history`` is the page's snapshot: the topic's retained events and
+  the cursor (epoch, head) they end at; the page subscribes from that cursor.
+* ``POST /api/messages`` stores the user's message as an event, then starts the
+  agent, which answers after ``agent_delay`` seconds with ``task_interaction``
+  events and ``agent_log`` lines, all on ``user:<uid>``.
+* ``/ws`` is the replay route; a socket may only subscribe to its own user's topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from starlette_replay import EventStore, MemoryStore, RedisStore, Refused, Replay
+
+__all__ = ["create_app", "plan_answer"]
+
+logger = logging.getLogger("example_app")
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "uid"
+_UID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TEXT = 500
+
+
+def user_id(conn: HTTPConnection) -> str | None:
+    """The uid cookie when it is well formed, else None."""
+    uid = conn.cookies.get(COOKIE)
+    return uid if uid is not None and _UID_RE.fullmatch(uid) else None
+
+
+def topic_of(uid: str) -> str:
+    return f"user:{uid}"
+
+
+RESTAURANTS = ["Eulji Myeonok", "Yangmi-ok", "Hwangseng-ga Kalguksu", "Mansuk Jang", "Gyodong Jjambbong"]
+
+
+def plan_answer(text: str) -> tuple[list[str], str]:
+    """What the agent logs and answers for a request like "Euljiro, 2 people, tomorrow at 12:30"."""
+    place = text.split(",")[0].strip()[:40] or "Seoul"
+    people = re.search(r"(\d+)\s*(?:people|persons|guests|pax|명)", text, re.IGNORECASE)
+    party = int(people.group(1)) if people else 2
+    when = re.search(r"\b(\d{1,2})[:.](\d{2})\b", text)
+    hour = f"{int(when.group(1)):02d}:{when.group(2)}" if when else "19:00"
+    day = "tomorrow" if "tomorrow" in text.lower() else "today"
+    digest = hashlib.sha256(text.encode()).digest()
+    restaurant = RESTAURANTS[digest[0] % len(RESTAURANTS)]
+    confirmation = digest[1:4].hex().upper()
+    logs = [
+        f"parsed request: place={place!r} party={party} when={day} {hour}",
+        f"searching restaurants near {place} with a table for {party}",
+        f"{restaurant}: table for {party} free {day} at {hour}; holding it",
+        f"reservation confirmed, code {confirmation}",
+    ]
+    answer = f"Booked: a table for {party} at {restaurant} ({place}), {day} at {hour}. Confirmation {confirmation}."
+    return logs, answer
+
+
+def make_store() -> EventStore:
+    """A RedisStore when REDIS_URL is set (instances then share one history), else a MemoryStore."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        store: EventStore = RedisStore.from_url(url)
+        return store
+    return MemoryStore()
+
+
+def create_app(
+    *, agent_delay: float = 3.0, store: EventStore | None = None, heartbeat_interval: float = 25.0
+) -> Starlette:
+    """The demo app. ``agent_delay``: seconds before the agent's answer is published."""
+
+    def authorize(websocket: WebSocket, topic: str) -> bool:
+        uid = user_id(websocket)
+        return uid is not None and topic == topic_of(uid)
+
+    def identify(websocket: WebSocket) -> str:
+        uid = user_id(websocket)
+        if uid is None:
+            raise Refused("no uid cookie")
+        return uid
+
+    replay = Replay(
+        store if store is not None else make_store(),
+        authorize=authorize,
+        identify=identify,
+        heartbeat_interval=heartbeat_interval,
+    )
+    task_group: TaskGroup | None = None
+    # Client ids of messages already handed to the agent (a retried POST is stored
+    # once thanks to the idempotency key, and must not wake the agent twice).
+    started: OrderedDict[str, None] = OrderedDict()
+
+    async def agent(topic: str, task_id: str, text: str) -> None:
+        logs, answer = plan_answer(text)
+        try:
+            await replay.publish(topic, "task_interaction", {"task_id": task_id, "state": "working", "text": text})
+            step = agent_delay / (len(logs) + 1)
+            for line in logs:
+                await anyio.sleep(step)
+                await replay.publish(topic, "agent_log", {"task_id": task_id, "line": line})
+            await anyio.sleep(step)
+            await replay.publish(topic, "task_interaction", {"task_id": task_id, "state": "done", "text": answer})
+        except Exception:
+            logger.exception("agent failed on %s", topic)
+
+    async def index(request: Request) -> Response:
+        response = FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        if user_id(request) is None:
+            response.set_cookie(COOKIE, secrets.token_urlsafe(12), max_age=30 * 86400, httponly=True, samesite="lax")
+        return response
+
+    async def history(request: Request) -> Response:
+        uid = user_id(request)
+        if uid is None:
+            return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
+        topic = topic_of(uid)
+        position = await replay.position(topic)
+        events: list[dict[str, Any]] = []
+        after = position.oldest - 1
+        while after < position.head:
+            page = await replay.history(topic, after=after, limit=500)
+            page = [e for e in page if e.epoch == position.epoch and e.offset <= position.head]
+            if not page:
+                break
+            events.extend(
+                {"offset": e.offset, "event": e.event, "data": e.data, "time": e.time, "epoch": e.epoch} for e in page
+            )
+            after = page[-1].offset
+        return JSONResponse(
+            {
+                "topic": topic,
+                "cursor": {"epoch": position.epoch, "offset": position.head},
+                "events": events,
+                "agent_delay": agent_delay,
+                "heartbeat_interval": heartbeat_interval,
+            }
+        )
+
+    async def post_message(request: Request) -> Response:
+        uid = user_id(request)
+        if uid is None:
+            return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        text = body.get("text") if isinstance(body, dict) else None
+        client_id = body.get("client_id") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+            return JSONResponse({"error": f"text must be 1-{MAX_TEXT} characters"}, status_code=400)
+        if not isinstance(client_id, str) or _CLIENT_ID_RE.fullmatch(client_id) is None:
+            return JSONResponse({"error": "client_id must be 1-64 characters of A-Z a-z 0-9 _ -"}, status_code=400)
+        topic = topic_of(uid)
+        text = text.strip()
+        event = await replay.publish(
+            topic, "user_message", {"text": text, "client_id": client_id}, idempotency_key=client_id
+        )
+        if client_id not in started and task_group is not None:
+            started[client_id] = None
+            if len(started) > 10_000:
+                started.popitem(last=False)
+            task_group.start_soon(agent, topic, client_id, text)
+        return JSONResponse({"offset": event.offset, "epoch": event.epoch}, status_code=202)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal task_group
+        async with replay, anyio.create_task_group() as tg:
+            task_group = tg
+            try:
+                yield
+            finally:
+                task_group = None
+                tg.cancel_scope.cancel()
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/history", history),
+            Route("/api/messages", post_message, methods=["POST"]),
+            replay.client_route("/replay.js"),
+            replay.route("/ws"),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.replay = replay
+    return app

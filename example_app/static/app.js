@@ -1,0 +1,163 @@
+// The demo page: a conversation with an agent on the topic user:<uid>, kept by replay.js.
+import { ReplayClient } from "/replay.js";
+
+const $ = (id) => document.getElementById(id);
+const messages = $("messages");
+const log = $("log");
+const statusEl = $("status");
+let offlineTimer = null;
+let offlineUntil = 0;
+
+// The snapshot: what the topic holds now, and the cursor it ends at.
+const snapshot = await (await fetch("/api/history")).json();
+const topic = snapshot.topic;
+const offlineMs = Math.round((snapshot.agent_delay + 3) * 1000);
+
+const client = new ReplayClient("/ws", {
+  autoConnect: false,
+  heartbeatInterval: snapshot.heartbeat_interval * 1000, // must match the server's
+});
+
+// --- rendering: one element per event, tagged with its offset ------------------------
+
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+function render(e) {
+  const li = document.createElement("li");
+  li.dataset.offset = String(e.offset);
+  li.dataset.event = e.event;
+  if (e.event === "agent_log") {
+    li.className = "log-line";
+    li.innerHTML = `<time></time> <span></span>`;
+    li.querySelector("time").textContent = clock(e.time);
+    li.querySelector("span").textContent = e.data.line;
+    log.append(li);
+    log.scrollTop = log.scrollHeight;
+    return;
+  }
+  if (e.event === "user_message") {
+    // Our own optimistic bubble, now stored: confirm it in place.
+    const pending = messages.querySelector(`li.pending[data-client-id="${CSS.escape(e.data.client_id)}"]`);
+    if (pending) pending.remove();
+    li.className = "msg user";
+    li.dataset.clientId = e.data.client_id;
+    li.textContent = e.data.text;
+  } else if (e.event === "task_interaction") {
+    li.className = `msg agent ${e.data.state}`;
+    li.dataset.task = e.data.task_id;
+    li.textContent = e.data.state === "done" ? e.data.text : `Working on “${e.data.text}”…`;
+    if (e.data.state === "done") {
+      messages.querySelector(`li.agent.working[data-task="${CSS.escape(e.data.task_id)}"]`)?.classList.add("finished");
+    }
+  } else {
+    li.className = "msg other";
+    li.textContent = `${e.event}: ${JSON.stringify(e.data)}`;
+  }
+  if (!e.live) li.classList.add("replayed");
+  const time = document.createElement("time");
+  time.textContent = clock(e.time);
+  li.append(time);
+  messages.append(li);
+  li.scrollIntoView({ block: "end" });
+}
+
+function showCursor(epoch, offset) {
+  $("cursor").textContent = `${epoch.slice(0, 6)}… / ${offset}`;
+}
+
+function notice(text) {
+  $("notice").textContent = text;
+  $("notice").hidden = !text;
+}
+
+// --- connection status ----------------------------------------------------------------
+
+client.on("state", (s) => {
+  let label = s.state;
+  if (s.state === "closed" && s.byClient && offlineUntil) label = "offline (dropped)";
+  else if (s.state === "reconnecting") label = `reconnecting (attempt ${s.attempt})`;
+  statusEl.textContent = label;
+  statusEl.dataset.state = s.state;
+  $("drop").hidden = s.state !== "open";
+  $("reconnect").hidden = s.state === "open";
+  if (s.state === "closed" && !s.byClient) notice(`Disconnected: ${s.reason || s.code}. Reload to try again.`);
+});
+client.on("reconnect", (r) => {
+  statusEl.textContent = `reconnecting in ${(r.delay / 1000).toFixed(1)} s (attempt ${r.attempt})`;
+});
+client.on("error", (e) => console.warn("replay:", e.message, e));
+
+$("drop").addEventListener("click", () => {
+  offlineUntil = Date.now() + offlineMs;
+  client.close(1000, "dropped by the demo");
+  offlineTimer = setTimeout(goOnline, offlineMs);
+});
+$("reconnect").addEventListener("click", goOnline);
+
+function goOnline() {
+  clearTimeout(offlineTimer);
+  offlineUntil = 0;
+  client.connect();
+}
+
+// --- sending ----------------------------------------------------------------------------
+
+$("compose").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const input = $("text");
+  const text = input.value.trim();
+  if (!text) return;
+  const clientId = crypto.randomUUID().replaceAll("-", "");
+  const li = document.createElement("li");
+  li.className = "msg user pending";
+  li.dataset.clientId = clientId;
+  li.textContent = text;
+  messages.append(li);
+  input.value = "";
+  // The message is an HTTP request: it goes through even while the socket is down.
+  for (let attempt = 0; attempt < 5; attempt++) {
+    try {
+      const r = await fetch("/api/messages", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text, client_id: clientId }), // the id makes a retry safe
+      });
+      if (r.ok) return;
+      if (r.status < 500) break;
+    } catch {
+      // network error: try again
+    }
+    await new Promise((done) => setTimeout(done, 500 * 2 ** attempt));
+  }
+  li.classList.add("failed");
+});
+
+// --- start: the snapshot, then the stream from the snapshot's cursor -------------------
+
+for (const e of snapshot.events) render({ ...e, topic, live: false });
+
+client.subscribe(topic, {
+  cursor: snapshot.cursor,
+  onEvent(e) {
+    render(e);
+    showCursor(e.epoch, e.offset);
+  },
+  onGap() {
+    // History this page had is gone (a new epoch): the server now replays all it still
+    // has, so start the view again from that replay.
+    messages.replaceChildren();
+    log.replaceChildren();
+    notice("The server's history was reset; showing what it still has.");
+  },
+  onSubscribed(info) {
+    showCursor(info.epoch, info.offset - info.replayed);
+  },
+  onError(err) {
+    notice(`Server refused ${err.topic}: ${err.code} (${err.message})`);
+  },
+});
+client.connect();
+window.demo = { client }; // for the browser console (and the browser tests)
+document.body.dataset.ready = "true";

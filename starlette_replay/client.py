@@ -1,0 +1,1331 @@
+"""A Python client for the ``replay.v1`` protocol: every event exactly once, in order, across reconnects.
+
+::
+
+    from starlette_replay.client import ReplayClient, Reset
+
+    async with ReplayClient("wss://example.com/ws", topics=["user:42"]) as client:
+        async for item in client:
+            if isinstance(item, Reset):
+                ...  # events may have been lost: refetch the topic's state from the app
+            else:
+                handle(item.topic, item.event, item.data)
+
+The client keeps, per topic, the cursor (epoch, offset) of the last event it
+received. It reconnects by itself (exponential backoff, full jitter) and
+subscribes again from that cursor; an offset that skips ahead makes it
+subscribe again from the last good offset, and an offset it already has is
+dropped. When the server cannot resume from the cursor (``resumed`` and not
+``recovered``: a new epoch after a store restart, or history trimmed past the
+cursor) the iterator yields a :class:`Reset` before the topic's next events.
+
+What the application has *processed* is tracked apart from what was received:
+with ``auto_ack`` (the default) an item counts as processed when the
+application asks for the next one (or leaves the ``async with`` block without
+an exception). Processed cursors are acknowledged to the server (``acks=True``,
+batched: at most one ``ack`` per topic per ``ack_interval`` unless
+``ack_every`` events piled up) and handed to a :class:`CursorStore` at the same
+points, so that a restarted process resumes where it left off.
+
+The transport is the ``websockets`` library (the ``client`` extra) on asyncio.
+See ``docs/client.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from .errors import ReplayError
+from .events import Event
+from .protocol import (
+    MAX_OFFSET,
+    SUBPROTOCOL,
+    Ack,
+    CloseCode,
+    ErrorCode,
+    Subscribe,
+    Unsubscribe,
+    check_topic,
+    encode_client_frame,
+)
+from .stores.base import Cursor
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from anyio.abc import TaskGroup
+    from websockets.asyncio.client import ClientConnection
+
+__all__ = [
+    "Backoff",
+    "BadRequestError",
+    "ClientClosed",
+    "ClientStopped",
+    "Cursor",
+    "CursorStore",
+    "Event",
+    "FileCursorStore",
+    "ForbiddenError",
+    "HandshakeRejected",
+    "InternalServerError",
+    "Item",
+    "MemoryCursorStore",
+    "NotSubscribedError",
+    "RateLimitedError",
+    "ReplayClient",
+    "ReplayClientError",
+    "Reset",
+    "ServerClosed",
+    "ServerError",
+    "TooManySubscriptionsError",
+    "UnavailableError",
+]
+
+logger = logging.getLogger("starlette_replay.client")
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+class ReplayClientError(ReplayError):
+    """Root of the errors the client raises."""
+
+
+class ClientClosed(ReplayClientError, RuntimeError):
+    """The client was used before ``async with`` entered it, or after it was closed."""
+
+
+class ClientStopped(ReplayClientError):
+    """The client stopped for good: the server said retrying cannot help.
+
+    Raised by the iterator (after the items received before it) and by every
+    later call. Subclasses say why.
+    """
+
+
+class HandshakeRejected(ClientStopped):
+    """The server refused the WebSocket handshake with an HTTP 4xx status (403: origin or ``identify``).
+
+    ``status`` is the HTTP status code. 408 and 429 are retried instead, like 5xx.
+    """
+
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(f"handshake rejected with HTTP {status}" + (f": {message}" if message else ""))
+        self.status = status
+
+
+class ServerClosed(ClientStopped):
+    """The server closed the connection with a code that means "do not reconnect".
+
+    ``code`` is 1000 (normal close sent by the server), 1008 (policy: bad frames,
+    frame rate, identity revoked) or 1009 (a client frame was too large);
+    ``reason`` is the close reason the server gave.
+    """
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"server closed the connection with {code}" + (f": {reason}" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+
+class ServerError(ReplayClientError):
+    """An ``error`` frame from the server. Subclasses exist for each code of the protocol.
+
+    ``code`` is the protocol's error code (a string, so that codes added later
+    still come through), ``message`` the server's text, ``topic`` the topic the
+    refused frame named (when the server said), ``ref`` the refused frame's ref.
+    """
+
+    code: str = "unknown"
+
+    def __init__(self, message: str, *, code: str | None = None, topic: str | None = None, ref: Any = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.topic = topic
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, topic={self.topic!r}, message={self.message!r})"
+
+    def __str__(self) -> str:
+        where = f" (topic {self.topic!r})" if self.topic is not None else ""
+        return f"{self.code}{where}: {self.message}"
+
+    @staticmethod
+    def from_frame(code: str, message: str, topic: str | None, ref: Any) -> ServerError:
+        """The exception for an ``error`` frame: the subclass of ``code``, else :class:`ServerError`."""
+        cls = _ERRORS_BY_CODE.get(code, ServerError)
+        return cls(message, code=code, topic=topic, ref=ref)
+
+
+class BadRequestError(ServerError):
+    """``bad_request``: the server could not accept a frame the client sent."""
+
+    code = ErrorCode.BAD_REQUEST.value
+
+
+class ForbiddenError(ServerError):
+    """``forbidden``: the server's ``authorize`` hook refused the topic. Not retried."""
+
+    code = ErrorCode.FORBIDDEN.value
+
+
+class TooManySubscriptionsError(ServerError):
+    """``too_many_subscriptions``: the connection holds the server's maximum of topics. Not retried."""
+
+    code = ErrorCode.TOO_MANY_SUBSCRIPTIONS.value
+
+
+class NotSubscribedError(ServerError):
+    """``not_subscribed``: an ack or unsubscribe named a topic the connection did not hold."""
+
+    code = ErrorCode.NOT_SUBSCRIBED.value
+
+
+class RateLimitedError(ServerError):
+    """``rate_limited``: the server dropped a frame; the client sends it again later."""
+
+    code = ErrorCode.RATE_LIMITED.value
+
+
+class UnavailableError(ServerError):
+    """``unavailable``: the server's store cannot be reached; a subscribe is retried with backoff."""
+
+    code = ErrorCode.UNAVAILABLE.value
+
+
+class InternalServerError(ServerError):
+    """``internal``: the server failed on the frame (e.g. its ``authorize`` hook raised); retried."""
+
+    code = ErrorCode.INTERNAL.value
+
+
+_ERRORS_BY_CODE: dict[str, type[ServerError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequestError,
+        ForbiddenError,
+        TooManySubscriptionsError,
+        NotSubscribedError,
+        RateLimitedError,
+        UnavailableError,
+        InternalServerError,
+    )
+}
+# Refusals of a subscribe that another try may cure.
+_RETRYABLE = frozenset({ErrorCode.UNAVAILABLE.value, ErrorCode.RATE_LIMITED.value, ErrorCode.INTERNAL.value})
+# Close codes after which reconnecting cannot help (protocol: "What a client does on close").
+_FATAL_CLOSE = frozenset({CloseCode.NORMAL, CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG})
+# Close codes that say the server is in trouble: the backoff keeps growing even after a healthy session.
+_TROUBLE_CLOSE = frozenset({CloseCode.INTERNAL_ERROR, CloseCode.TRY_AGAIN_LATER})
+# HTTP statuses at the handshake that are worth retrying (besides 5xx).
+_RETRY_STATUS = frozenset({408, 429})
+
+
+# --- items -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The server could not resume ``topic`` from the client's cursor: events may have been lost.
+
+    Yielded by the iterator in the topic's stream, before the events that
+    follow it. It happens when the topic's epoch changed (the store lost its
+    history, e.g. a memory store restarted), or the cursor was older than the
+    retained history, or ahead of the head. The application should treat what
+    it built from the topic as possibly incomplete and refetch it (e.g. from
+    ``replay.history`` behind an HTTP route of the app).
+
+    ``epoch`` is the topic's new epoch; the events that follow have offsets
+    ``offset + 1``, ``offset + 2``, ... in it (``replayed`` of them were stored
+    before the subscription started). ``previous`` is the cursor the client
+    asked to resume from, or None when the server resumed from the identity's
+    stored cursor.
+    """
+
+    topic: str
+    epoch: str
+    offset: int
+    replayed: int
+    previous: Cursor | None
+
+    @property
+    def cursor(self) -> Cursor:
+        """The position right after this reset: ``Cursor(epoch, offset)``."""
+        return Cursor(self.epoch, self.offset)
+
+
+Item = Event | Reset
+
+
+# --- backoff -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter.
+
+    The n-th retry in a row (n = 0, 1, 2, ...) waits a uniformly random time in
+    ``[0, min(max, initial * multiplier**n)]``. The count starts again at 0
+    after a session in which the server answered (unless it closed with 1011 or
+    1013, which say it is in trouble).
+    """
+
+    initial: float = 0.5
+    max: float = 30.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "max", "multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"Backoff.{name} must be a finite number, not {value!r}")
+        if not self.initial > 0:
+            raise ValueError(f"Backoff.initial must be positive, not {self.initial!r}")
+        if self.max < self.initial:
+            raise ValueError(f"Backoff.max ({self.max!r}) must be at least Backoff.initial ({self.initial!r})")
+        if self.multiplier < 1:
+            raise ValueError(f"Backoff.multiplier must be at least 1, not {self.multiplier!r}")
+
+    def cap(self, attempt: int) -> float:
+        """The longest wait before retry number ``attempt`` (0 for the first): never more than ``max``."""
+        cap = float(self.initial)
+        for _ in range(attempt):
+            cap *= self.multiplier
+            if cap >= self.max:
+                return float(self.max)
+        return min(cap, float(self.max))
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """A random wait in ``[0, cap(attempt)]``; ``rng`` returns a float in ``[0, 1)``."""
+        return rng() * self.cap(attempt)
+
+
+# --- cursor persistence ------------------------------------------------------------------
+
+
+@runtime_checkable
+class CursorStore(Protocol):
+    """Where a client keeps its processed cursors across process restarts.
+
+    ``load`` is called once per topic when the client subscribes to it without
+    an explicit cursor; ``save`` with the cursors that moved since the last
+    save, at the same batched points as acks and when the client closes. An
+    exception from ``save`` is logged and the save retried at the next flush;
+    one from ``load`` propagates to the caller of ``subscribe`` (or ``async with``).
+    """
+
+    async def load(self, topic: str) -> Cursor | None:
+        """The saved cursor of ``topic``, or None."""
+        ...
+
+    async def save(self, cursors: Mapping[str, Cursor]) -> None:
+        """Persist ``cursors`` (topic -> cursor); topics not named keep their saved cursor."""
+        ...
+
+
+class MemoryCursorStore:
+    """A :class:`CursorStore` in a dict (``cursors``): for tests, or to share cursors between clients of one process."""
+
+    def __init__(self, cursors: Mapping[str, Cursor] | None = None) -> None:
+        self.cursors: dict[str, Cursor] = dict(cursors or {})
+        self.saves = 0
+
+    async def load(self, topic: str) -> Cursor | None:
+        """The saved cursor of ``topic``, or None. Safe to cancel."""
+        return self.cursors.get(topic)
+
+    async def save(self, cursors: Mapping[str, Cursor]) -> None:
+        """Update the dict. Safe to cancel."""
+        self.cursors.update(cursors)
+        self.saves += 1
+
+
+class FileCursorStore:
+    """A :class:`CursorStore` in one JSON file, replaced atomically (written aside, fsynced, renamed).
+
+    The file maps each topic to ``[epoch, offset]``. One client per file: two
+    clients saving to the same file would overwrite each other's topics.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._cursors: dict[str, Cursor] | None = None
+        self._lock = anyio.Lock()
+
+    def _read(self) -> dict[str, Cursor]:
+        try:
+            text = self.path.read_text("utf-8")
+        except FileNotFoundError:
+            return {}
+        cursors: dict[str, Cursor] = {}
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{self.path}: expected a JSON object of topic -> [epoch, offset]")
+        for topic, value in raw.items():
+            if (
+                isinstance(value, list)
+                and len(value) == 2
+                and isinstance(value[0], str)
+                and isinstance(value[1], int)
+                and not isinstance(value[1], bool)
+            ):
+                cursors[topic] = Cursor(value[0], value[1])
+            else:
+                logger.warning("%s: ignoring the malformed cursor of %r", self.path, topic)
+        return cursors
+
+    def _write(self, cursors: dict[str, Cursor]) -> None:
+        text = json.dumps({topic: [c.epoch, c.offset] for topic, c in sorted(cursors.items())}, ensure_ascii=False)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, self.path)
+
+    async def _all(self) -> dict[str, Cursor]:
+        if self._cursors is None:
+            self._cursors = await anyio.to_thread.run_sync(self._read)
+        return self._cursors
+
+    async def load(self, topic: str) -> Cursor | None:
+        """The saved cursor of ``topic``, or None. Raises ``OSError``/``ValueError`` for an unreadable file.
+
+        Safe to cancel (the file is read once, in a worker thread).
+        """
+        return (await self._all()).get(topic)
+
+    async def save(self, cursors: Mapping[str, Cursor]) -> None:
+        """Merge ``cursors`` into the file. Raises ``OSError``. Cancelling may leave the file as it was."""
+        async with self._lock:
+            merged = dict(await self._all())
+            merged.update(cursors)
+            await anyio.to_thread.run_sync(self._write, merged)
+            self._cursors = merged
+
+
+# --- the client --------------------------------------------------------------------------
+
+
+class _Topic:
+    """The client's state for one subscribed topic."""
+
+    __slots__ = (
+        "acked",
+        "attempt",
+        "confirmed",
+        "epoch",
+        "error",
+        "live",
+        "name",
+        "offset",
+        "processed",
+        "ref",
+        "rewind",
+        "saved",
+        "unflushed",
+        "waiters",
+    )
+
+    def __init__(self, name: str, cursor: Cursor | None, rewind: int) -> None:
+        self.name = name
+        # last offset received (and queued for the application), in `epoch`
+        self.epoch: str | None = cursor.epoch if cursor else None
+        self.offset = cursor.offset if cursor else 0
+        self.rewind = rewind
+        self.ref: str | None = None  # the subscribe in flight on this connection
+        self.live = False  # the server confirmed it on this connection: events are accepted
+        self.attempt = 0  # refusals in a row that are retried (unavailable, ...)
+        self.confirmed = anyio.Event()
+        self.error: ServerError | None = None
+        self.waiters = 0
+        self.processed: Cursor | None = cursor
+        self.acked: Cursor | None = None
+        self.saved: Cursor | None = cursor
+        self.unflushed = 0
+
+    def cursor(self) -> Cursor | None:
+        return Cursor(self.epoch, self.offset) if self.epoch is not None else None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How a session ended."""
+
+    healthy: bool  # the server answered: the backoff may start again
+    trouble: bool = False  # the server said it is in trouble (1011, 1013): keep backing off
+    stop: ClientStopped | None = None
+
+
+class _Session:
+    """One WebSocket connection: its outbox and the frames in flight."""
+
+    def __init__(self, number: int, ws: ClientConnection, tg: TaskGroup) -> None:
+        self.id = number
+        self.ws = ws
+        self.tg = tg
+        self.outbox: deque[str] = deque()
+        self.queued = 0
+        self.sent = 0
+        self.wakeup = anyio.Event()
+        self.progress = anyio.Event()
+        self.healthy = False
+
+    def send(self, frame: str) -> None:
+        self.outbox.append(frame)
+        self.queued += 1
+        self.wakeup.set()
+
+
+def _status_retryable(status: int) -> bool:
+    return status >= 500 or status in _RETRY_STATUS or status < 400
+
+
+class ReplayClient:
+    """A resilient subscriber to a starlette_replay route (protocol ``replay.v1``).
+
+    Use it as ``async with ReplayClient(url, topics=[...]) as client:`` and read
+    events with ``async for item in client``: each item is an
+    :class:`~starlette_replay.Event` (``topic, epoch, offset, event, data,
+    time``) or a :class:`Reset`. One task should iterate; other tasks may call
+    :meth:`subscribe`, :meth:`unsubscribe` and :meth:`ack`.
+
+    Connection options: ``headers`` (extra handshake headers, e.g. a cookie or
+    an ``Authorization``), ``subprotocols`` (offered after ``replay.v1``; an app
+    may read a token there), ``origin`` (the ``Origin`` header),
+    ``open_timeout``, ``close_timeout``, ``max_size`` (largest frame accepted
+    from the server), ``max_frame_rate`` and ``frame_burst`` (the client's
+    own pace, a token bucket kept under the server's default limit of 100
+    frames/s with bursts of 200), ``connect_options`` (more keyword arguments for
+    ``websockets.asyncio.client.connect``, e.g. ``ssl`` or ``compression``).
+
+    Resilience: ``backoff`` (:class:`Backoff`), ``heartbeat_interval`` (the
+    server's; the socket is declared dead after twice that without a frame),
+    ``rng`` and ``sleep`` (injectable for tests).
+
+    Delivery: ``rewind`` (events to replay on a fresh subscription),
+    ``buffer_size`` (items received ahead of the application; when full the
+    client stops reading and the server's own flow control applies),
+    ``auto_ack``, ``acks``, ``ack_interval``, ``ack_every``, ``cursor_store``
+    (see the module docstring), ``on_error`` (a callable that receives every
+    :class:`ServerError`; see :meth:`subscribe` for what happens without it).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        topics: Iterable[str] | Mapping[str, Cursor | None] = (),
+        *,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        subprotocols: Sequence[str] = (),
+        origin: str | None = None,
+        cursor_store: CursorStore | None = None,
+        acks: bool = False,
+        auto_ack: bool = True,
+        ack_interval: float = 1.0,
+        ack_every: int = 100,
+        rewind: int = 0,
+        backoff: Backoff | None = None,
+        heartbeat_interval: float = 25.0,
+        open_timeout: float = 10.0,
+        close_timeout: float = 2.0,
+        buffer_size: int = 1000,
+        max_size: int | None = 2**24,
+        max_frame_rate: float = 50.0,
+        frame_burst: int = 100,
+        on_error: Callable[[ServerError], object] | None = None,
+        connect_options: Mapping[str, Any] | None = None,
+        rng: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        try:
+            import websockets  # noqa: F401
+        except ImportError:  # pragma: no cover - depends on the installed extras
+            raise ImportError(
+                "ReplayClient needs the websockets library: pip install 'starlette-replay[client]'"
+            ) from None
+        scheme = urlsplit(url).scheme
+        if scheme not in ("ws", "wss"):
+            raise ValueError(f"url must start with ws:// or wss://, not {url[:40]!r}")
+        for name, number in (
+            ("ack_interval", ack_interval),
+            ("heartbeat_interval", heartbeat_interval),
+            ("open_timeout", open_timeout),
+            ("close_timeout", close_timeout),
+            ("max_frame_rate", max_frame_rate),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {number!r}")
+        for name, count in (("ack_every", ack_every), ("buffer_size", buffer_size), ("frame_burst", frame_burst)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be a positive integer, not {count!r}")
+        _check_rewind(rewind)
+        if cursor_store is not None and not isinstance(cursor_store, CursorStore):
+            raise TypeError(f"cursor_store must have async load() and save(), got {type(cursor_store).__name__}")
+        initial: dict[str, Cursor | None] = {}
+        if isinstance(topics, Mapping):
+            for topic, cursor in topics.items():
+                initial[check_topic(topic)] = _check_cursor(cursor)
+        elif isinstance(topics, str):
+            raise TypeError("topics must be a list of topics, not a string")
+        else:
+            for topic in topics:
+                initial[check_topic(topic)] = None
+        self.url = url
+        self.headers = list(headers.items()) if isinstance(headers, Mapping) else list(headers or [])
+        self.subprotocols = [SUBPROTOCOL, *(p for p in subprotocols if p != SUBPROTOCOL)]
+        self.origin = origin
+        self.cursor_store = cursor_store
+        self.acks = acks
+        self.auto_ack = auto_ack
+        self.ack_interval = float(ack_interval)
+        self.ack_every = ack_every
+        self.rewind = rewind
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.open_timeout = float(open_timeout)
+        self.close_timeout = float(close_timeout)
+        self.buffer_size = buffer_size
+        self.max_size = max_size
+        self.max_frame_rate = float(max_frame_rate)
+        self.frame_burst = frame_burst
+        self.on_error = on_error
+        self.connect_options = dict(connect_options or {})
+        self._rng = rng
+        self._sleep = sleep
+        self._initial = initial
+
+        self._topics: dict[str, _Topic] = {}
+        self._orphans: dict[str, Cursor] = {}  # processed cursors of topics left, still to save
+        # items for the application: (topic state or None, item or error to raise)
+        self._buffer: deque[tuple[_Topic | None, Item | ReplayClientError]] = deque()
+        self._items = 0
+        self._ready = anyio.Event()
+        self._space = anyio.Event()
+        self._last: tuple[_Topic, Item] | None = None  # handed out, not yet processed
+        self._session: _Session | None = None
+        self._sessions = 0
+        self._refs = 0
+        self._dirty = anyio.Event()
+        self._urgent = anyio.Event()
+        self._save_lock = anyio.Lock()
+        self._stack: AsyncExitStack | None = None
+        # Made by __aenter__: a cancel scope cannot be made outside an event loop.
+        self._scope: anyio.CancelScope
+        self._flusher_scope: anyio.CancelScope
+        self._done = anyio.Event()
+        self._started = False
+        self._closed = False
+        self._stopped: ClientStopped | None = None
+        self.connections = 0  # handshakes that succeeded, for metrics and tests
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected" if self._session else "disconnected"
+        return f"ReplayClient({self.url!r}, {state}, topics={sorted(self._topics)})"
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> ReplayClient:
+        """Start connecting in the background and return at once.
+
+        Loads the cursors of the constructor's topics from ``cursor_store``
+        first (its errors propagate). Raises :class:`ClientClosed` when entered
+        twice. Safe to cancel: nothing is started until the cursors are loaded.
+        """
+        if self._started:
+            raise ClientClosed("a ReplayClient can be entered only once")
+        for topic, cursor in self._initial.items():
+            if cursor is None and self.cursor_store is not None:
+                cursor = await self.cursor_store.load(topic)
+            self._topics[topic] = _Topic(topic, cursor, self.rewind)
+        self._started = True
+        self._scope = anyio.CancelScope()
+        self._flusher_scope = anyio.CancelScope()
+        async with AsyncExitStack() as stack:
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            tg.start_soon(self._main)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Leaving the block normally means the last item handed out was handled.
+        if exc_type is None and self.auto_ack:
+            self._ack_last()
+        try:
+            await self.aclose()
+        finally:
+            stack, self._stack = self._stack, None
+            if stack is not None:
+                await stack.aclose()
+
+    async def aclose(self) -> None:
+        """Flush processed cursors (acks and ``cursor_store``), close the socket with 1000, stop.
+
+        Takes at most about twice ``close_timeout`` (the flush, then the close
+        handshake). Safe to call twice and from any task; items not yet read
+        are dropped and the iterator ends. Shielded from cancellation, so that
+        the socket is closed.
+        """
+        if not self._started:
+            self._closed = True
+            return
+        with anyio.CancelScope(shield=True):
+            if self._closed:
+                await self._done.wait()
+                return
+            self._closed = True
+            self._notify_all()
+            self._flusher_scope.cancel()
+            with anyio.move_on_after(self.close_timeout):
+                await self._flush()
+                session = self._session
+                if session is not None:
+                    await self._drained(session, session.queued)
+            self._scope.cancel()
+            await self._done.wait()
+
+    async def _main(self) -> None:
+        """The background work: the connection loop and the flusher, until ``aclose`` cancels them."""
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._flusher)
+                    await self._run()
+        except Exception:  # a bug: never let it cancel the application's `async with` body
+            logger.exception("the client's background work failed")
+            self._stop(ClientStopped("the client failed; see the log"))
+        finally:
+            self._done.set()
+
+    # --- subscriptions ---------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        topic: str,
+        *,
+        cursor: Cursor | None = None,
+        rewind: int | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Subscribe to ``topic``, from ``cursor`` if given (resume after its offset).
+
+        Without a cursor, the ``cursor_store``'s is used; without either the
+        server resumes from the identity's stored cursor if it has one, else
+        starts at the head (replaying the last ``rewind`` events, default the
+        client's ``rewind``). Subscribing again to a topic the client holds
+        with a cursor replaces the subscription (items of the topic not yet
+        read are dropped); without a cursor it only waits.
+
+        With ``wait`` (the default) returns once the server confirmed the
+        subscription, across reconnects if need be (wrap it in
+        ``anyio.fail_after`` to bound it); raises the server's refusal
+        (:class:`ForbiddenError`, :class:`TooManySubscriptionsError`,
+        :class:`BadRequestError`), :class:`ClientStopped` if the client stops,
+        :class:`ClientClosed` if it is closed. ``unavailable``, ``rate_limited``
+        and ``internal`` refusals are retried with backoff meanwhile. Without
+        ``wait``, a refusal (also one of a subscription sent again after a
+        reconnect) goes to ``on_error`` if set, else the iterator raises it.
+        Raises ``InvalidTopic`` for a topic the protocol refuses. Safe to
+        cancel: the subscription stays.
+        """
+        check_topic(topic)
+        cursor = _check_cursor(cursor)
+        rewind = self.rewind if rewind is None else _check_rewind(rewind)
+        self._check_usable()
+        state = self._topics.get(topic)
+        if state is None or cursor is not None:
+            if cursor is None and self.cursor_store is not None:
+                cursor = await self.cursor_store.load(topic)
+                self._check_usable()
+                state = self._topics.get(topic)
+            if state is None or cursor is not None:
+                state = self._replace(topic, cursor, rewind)
+        if wait:
+            await self._wait_confirmed(state)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Leave ``topic``: its items not yet read are dropped, its processed cursor is saved at the next flush.
+
+        With ``acks``, the processed cursor is acked first. Does nothing for a
+        topic the client does not hold. Does not wait for the server's reply.
+        Safe to cancel.
+        """
+        state = self._topics.pop(topic, None)
+        if state is None:
+            return
+        self._purge(state)
+        if self.cursor_store is not None and state.processed is not None and state.processed != state.saved:
+            self._orphans[topic] = state.processed
+            self._dirty.set()
+        state.confirmed.set()
+        session = self._session
+        if session is not None:
+            cursor = state.processed
+            if self.acks and state.live and cursor is not None and cursor != state.acked:
+                # The last word on this topic: the server stores where we stopped.
+                session.send(encode_client_frame(Ack(topic, cursor.epoch, cursor.offset, ref=self._ref("a"))))
+            session.send(encode_client_frame(Unsubscribe(topic, ref=self._ref("u"))))
+
+    def ack(self, item: Item) -> None:
+        """Mark ``item`` (and everything before it in its topic) as processed.
+
+        Needed only with ``auto_ack=False``. The processed cursor is acked to
+        the server and saved to the ``cursor_store`` at the next flush.
+        Non-blocking; items of a topic the client left are ignored.
+        """
+        state = self._topics.get(item.topic)
+        if state is not None:
+            self._processed(state, item)
+
+    def cursor(self, topic: str) -> Cursor | None:
+        """The processed cursor of ``topic`` (what is acked and saved), or None."""
+        state = self._topics.get(topic)
+        return state.processed if state is not None else None
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics the client holds (confirmed or not)."""
+        return list(self._topics)
+
+    @property
+    def connected(self) -> bool:
+        """True while a WebSocket is open."""
+        return self._session is not None
+
+    # --- iteration -------------------------------------------------------------------
+
+    def __aiter__(self) -> ReplayClient:
+        return self
+
+    async def __anext__(self) -> Item:
+        """The next :class:`~starlette_replay.Event` or :class:`Reset`.
+
+        With ``auto_ack``, calling it marks the previous item as processed.
+        Raises :class:`ClientStopped` once the client stopped for good (after
+        the items received before), a :class:`ServerError` for a refusal that
+        went neither to a waiting :meth:`subscribe` nor to ``on_error`` (the
+        iteration may go on after it), and ends when the client is closed.
+        Safe to cancel: no item is lost.
+        """
+        if not self._started:
+            raise ClientClosed("enter the client with `async with` before iterating over it")
+        if self.auto_ack:
+            self._ack_last()
+        # A checkpoint even when items are waiting: the connection and the flusher get their turn.
+        await anyio.lowlevel.checkpoint()
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._buffer:
+                state, item = self._buffer.popleft()
+                if isinstance(item, ReplayClientError):
+                    raise item
+                self._items -= 1
+                self._space.set()
+                if state is not None:
+                    self._last = (state, item)
+                return item
+            if self._stopped is not None:
+                raise self._stopped
+            self._ready = anyio.Event()
+            await self._ready.wait()
+
+    # --- internals: the application side -------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if not self._started or self._closed:
+            raise ClientClosed("the client is not running: use it inside `async with ReplayClient(...)`")
+        if self._stopped is not None:
+            raise self._stopped
+
+    def _ref(self, kind: str) -> str:
+        self._refs += 1
+        return f"{kind}{self._refs}"
+
+    def _replace(self, topic: str, cursor: Cursor | None, rewind: int) -> _Topic:
+        old = self._topics.get(topic)
+        state = _Topic(topic, cursor, rewind)
+        if old is not None:
+            self._purge(old)
+            old.confirmed.set()
+            if cursor is None:
+                state.processed = old.processed
+            state.saved = old.saved
+            state.acked = old.acked
+        self._topics[topic] = state
+        if self._session is not None:
+            self._send_subscribe(self._session, state)
+        return state
+
+    async def _wait_confirmed(self, state: _Topic) -> None:
+        state.waiters += 1
+        try:
+            await state.confirmed.wait()
+        finally:
+            state.waiters -= 1
+        if state.error is not None:
+            raise state.error
+        if self._stopped is not None:
+            raise self._stopped
+        if self._closed:
+            raise ClientClosed("the client was closed")
+
+    def _purge(self, state: _Topic) -> None:
+        kept = deque(entry for entry in self._buffer if entry[0] is not state)
+        self._items -= len(self._buffer) - len(kept)
+        self._buffer = kept
+        self._space.set()
+        if self._last is not None and self._last[0] is state:
+            self._last = None
+
+    def _ack_last(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            self._processed(*last)
+
+    def _processed(self, state: _Topic, item: Item) -> None:
+        if self._topics.get(state.name) is not state:
+            return
+        cursor = item.cursor if isinstance(item, Reset) else Cursor(item.epoch, item.offset)
+        current = state.processed
+        if current is not None and current.epoch == cursor.epoch and current.offset >= cursor.offset:
+            return
+        state.processed = cursor
+        state.unflushed += 1
+        self._dirty.set()
+        if state.unflushed >= self.ack_every:
+            self._urgent.set()
+
+    def _notify_all(self) -> None:
+        """Wake the iterator and every waiting subscribe (the client stopped or closed)."""
+        self._ready.set()
+        self._space.set()
+        for state in self._topics.values():
+            state.confirmed.set()
+
+    def _push_error(self, error: ReplayClientError) -> None:
+        self._buffer.append((None, error))
+        self._ready.set()
+
+    async def _enqueue(self, state: _Topic, item: Item) -> bool:
+        """Queue ``item`` for the application once there is room; False if ``state`` was dropped meanwhile."""
+        while self._items >= self.buffer_size and not self._closed:
+            self._space = anyio.Event()
+            await self._space.wait()
+        if self._topics.get(state.name) is not state or not state.live:
+            return False
+        self._buffer.append((state, item))
+        self._items += 1
+        self._ready.set()
+        return True
+
+    # --- internals: flushing cursors ---------------------------------------------------
+
+    async def _flusher(self) -> None:
+        with self._flusher_scope:
+            await self._flush_periodically()
+
+    async def _flush_periodically(self) -> None:
+        last = -math.inf
+        while True:
+            await self._dirty.wait()
+            remaining = last + self.ack_interval - anyio.current_time()
+            if remaining > 0:
+                with anyio.move_on_after(remaining):
+                    await self._urgent.wait()
+            self._dirty = anyio.Event()
+            self._urgent = anyio.Event()
+            last = anyio.current_time()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Ack processed cursors on the live connection and save them to the cursor store."""
+        session = self._session
+        to_save = dict(self._orphans)
+        self._orphans.clear()
+        for state in self._topics.values():
+            cursor = state.processed
+            state.unflushed = 0
+            if cursor is None:
+                continue
+            if self.acks and session is not None and state.live and cursor != state.acked:
+                frame = Ack(state.name, cursor.epoch, cursor.offset, ref=self._ref("a"))
+                session.send(encode_client_frame(frame))
+                state.acked = cursor
+            if self.cursor_store is not None and cursor != state.saved:
+                to_save[state.name] = cursor
+        if not to_save or self.cursor_store is None:
+            return
+        try:
+            # One save at a time: aclose() flushes while the flusher may still be saving.
+            async with self._save_lock:
+                await self.cursor_store.save(to_save)
+        except Exception:
+            logger.exception("cursor_store.save failed; retrying at the next flush")
+            for topic, cursor in to_save.items():
+                if topic not in self._topics:
+                    self._orphans.setdefault(topic, cursor)
+            self._dirty.set()
+            return
+        for topic, cursor in to_save.items():
+            saved = self._topics.get(topic)
+            if saved is not None:
+                saved.saved = cursor
+
+    # --- internals: the connection ------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            outcome = await self._connect_once()
+            if outcome.stop is not None:
+                self._stop(outcome.stop)
+                return
+            if outcome.healthy and not outcome.trouble:
+                attempt = 0
+            delay = self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            logger.info("[client#%d] reconnecting in %.2fs (attempt %d)", self._sessions, delay, attempt)
+            await self._sleep(delay)
+
+    def _stop(self, error: ClientStopped) -> None:
+        logger.warning("[client#%d] stopped: %s", self._sessions, error)
+        self._stopped = error
+        self._notify_all()
+
+    async def _connect_once(self) -> _Outcome:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidProxy, InvalidStatus, InvalidURI, WebSocketException
+        from websockets.typing import Origin, Subprotocol
+
+        number = self._sessions = self._sessions + 1
+        options: dict[str, Any] = {
+            "additional_headers": self.headers or None,
+            "subprotocols": [Subprotocol(p) for p in self.subprotocols],
+            "origin": Origin(self.origin) if self.origin is not None else None,
+            "open_timeout": self.open_timeout,
+            "close_timeout": self.close_timeout,
+            "max_size": self.max_size,
+            # The protocol's heartbeat (server pings, silence timeout) detects dead sockets.
+            "ping_interval": None,
+        }
+        options.update(self.connect_options)
+        try:
+            ws = await connect(self.url, **options)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if not _status_retryable(status):
+                body = exc.response.body.decode("utf-8", "replace")[:200] if exc.response.body else ""
+                return _Outcome(healthy=False, stop=HandshakeRejected(status, body))
+            logger.info("[client#%d] handshake failed with HTTP %d", number, status)
+            return _Outcome(healthy=False)
+        except (InvalidURI, InvalidProxy) as exc:
+            return _Outcome(healthy=False, stop=ClientStopped(f"cannot connect to {self.url!r}: {exc}"))
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            logger.info("[client#%d] cannot connect: %r", number, exc)
+            return _Outcome(healthy=False)
+        if ws.subprotocol != SUBPROTOCOL:
+            logger.warning("[client#%d] the server did not accept subprotocol %s", number, SUBPROTOCOL)
+        self.connections += 1
+        logger.info("[client#%d] connected to %s", number, self.url)
+        session: _Session | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                session = self._session = _Session(number, ws, tg)
+                for state in self._topics.values():
+                    self._send_subscribe(session, state)
+                tg.start_soon(self._writer, session)
+                outcome = await self._reader(session)
+                tg.cancel_scope.cancel()
+            return outcome
+        finally:
+            self._session = None
+            if session is not None:
+                session.progress.set()  # wakes an aclose() waiting for frames this session will never send
+            for state in self._topics.values():
+                state.live = False
+                state.ref = None
+            with anyio.CancelScope(shield=True):
+                await ws.close()
+
+    def _send_subscribe(self, session: _Session, state: _Topic) -> None:
+        ref = self._ref("s")
+        state.ref = ref
+        state.live = False
+        cursor = state.cursor()
+        frame = Subscribe(
+            state.name,
+            cursor.epoch if cursor else None,
+            cursor.offset if cursor else None,
+            0 if cursor else state.rewind,
+            ref,
+        )
+        session.send(encode_client_frame(frame))
+
+    async def _writer(self, session: _Session) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        # Pace our own frames below the server's rate limit, so that a burst (a
+        # hundred subscribes after a reconnect) is never dropped or closed with 1008.
+        rate, burst = self.max_frame_rate, float(self.frame_burst)
+        tokens, refilled = burst, anyio.current_time()
+        while True:
+            while not session.outbox:
+                session.wakeup = anyio.Event()
+                await session.wakeup.wait()
+            now = anyio.current_time()
+            tokens, refilled = min(burst, tokens + (now - refilled) * rate), now
+            if tokens < 1:
+                await anyio.sleep((1 - tokens) / rate)
+                continue
+            tokens -= 1
+            frame = session.outbox.popleft()
+            try:
+                await session.ws.send(frame)
+            except ConnectionClosed:
+                return  # the reader sees the close
+            session.sent += 1
+            session.progress.set()
+
+    async def _drained(self, session: _Session, seq: int) -> None:
+        """Wait until the writer has sent the ``seq``-th frame of ``session`` (or the session ended)."""
+        while session.sent < seq and self._session is session:
+            session.progress = anyio.Event()
+            await session.progress.wait()
+
+    async def _reader(self, session: _Session) -> _Outcome:
+        from websockets.exceptions import ConnectionClosed
+
+        silence = 2 * self.heartbeat_interval
+        while True:
+            with anyio.move_on_after(silence) as scope:
+                try:
+                    message = await session.ws.recv()
+                except ConnectionClosed as exc:
+                    rcvd, sent = exc.rcvd, exc.sent
+                    if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG and not exc.rcvd_then_sent:
+                        # Replaying that event again would fail again.
+                        error = f"the server sent a frame larger than max_size={self.max_size} bytes"
+                        return _Outcome(healthy=session.healthy, stop=ClientStopped(error))
+                    return self._close_outcome(session, rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
+            if scope.cancelled_caught:
+                logger.warning("[client#%d] no frame for %.1fs: the socket is dead, reconnecting", session.id, silence)
+                session.ws.transport.abort()
+                return _Outcome(healthy=session.healthy)
+            session.healthy = True
+            if isinstance(message, bytes):
+                logger.warning("[client#%d] ignoring a binary frame", session.id)
+                continue
+            try:
+                obj = json.loads(message)
+                kind = obj["type"]
+            except (ValueError, TypeError, KeyError):
+                logger.warning("[client#%d] ignoring a frame that is not a protocol frame: %.100r", session.id, message)
+                continue
+            try:
+                if kind == "event":
+                    await self._on_event(session, obj)
+                elif kind == "subscribed":
+                    await self._on_subscribed(session, obj)
+                elif kind == "error":
+                    self._on_error(session, obj)
+                elif kind not in ("ping", "pong", "unsubscribed"):
+                    logger.debug("[client#%d] ignoring a %r frame", session.id, kind)
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("[client#%d] ignoring a malformed %r frame: %r", session.id, kind, exc)
+
+    def _close_outcome(self, session: _Session, code: int | None, reason: str) -> _Outcome:
+        if code is None:
+            logger.info("[client#%d] connection lost (no close frame, 1006)", session.id)
+            return _Outcome(healthy=session.healthy)
+        if code in _FATAL_CLOSE:
+            return _Outcome(healthy=session.healthy, stop=ServerClosed(code, reason))
+        logger.info("[client#%d] server closed with %d %s", session.id, code, reason)
+        return _Outcome(healthy=session.healthy, trouble=code in _TROUBLE_CLOSE)
+
+    async def _on_subscribed(self, session: _Session, obj: dict[str, Any]) -> None:
+        state = self._topics.get(obj["topic"])
+        ref = obj.get("ref")
+        if state is None or state.ref is None or (ref is not None and ref != state.ref):
+            return  # an answer to a subscribe that was replaced since (a server that echoes no ref is trusted)
+        epoch, head, replayed = obj["epoch"], obj["offset"], obj["replayed"]
+        if not isinstance(epoch, str) or not _is_offset(head) or not _is_offset(replayed) or replayed > head:
+            raise ValueError(f"bad position {epoch!r} {head!r} {replayed!r}")
+        start = head - replayed
+        previous = state.cursor()
+        gap = obj["resumed"] is True and obj["recovered"] is not True
+        if previous is not None and not gap and (epoch != previous.epoch or start > previous.offset):
+            logger.warning(
+                "[client#%d] %r: the server resumed at %s/%d, not at our cursor %s/%d: treating it as a reset",
+                session.id,
+                state.name,
+                epoch,
+                start,
+                previous.epoch,
+                previous.offset,
+            )
+            gap = True
+        state.ref = None
+        state.live = True
+        state.attempt = 0
+        if gap:
+            logger.warning(
+                "[client#%d] %r could not be resumed from %s: events may be lost (new epoch %s, %d replayed)",
+                session.id,
+                state.name,
+                previous,
+                epoch,
+                replayed,
+            )
+            reset = Reset(state.name, epoch, start, replayed, previous)
+            state.epoch, state.offset = epoch, start
+            if not await self._enqueue(state, reset):
+                return
+        else:
+            if previous is None:
+                state.epoch, state.offset = epoch, start
+            if state.processed is None:
+                # A fresh start: everything before it counts as handled, so a restart resumes here.
+                state.processed = Cursor(epoch, start)
+                self._dirty.set()
+        if self.acks and state.processed is not None and state.processed != state.acked:
+            self._dirty.set()
+        state.confirmed.set()
+
+    async def _on_event(self, session: _Session, obj: dict[str, Any]) -> None:
+        state = self._topics.get(obj["topic"])
+        if state is None or not state.live or state.epoch is None:
+            return  # not (yet) confirmed on this connection: replayed after the subscribed
+        offset = obj["offset"]
+        if not _is_offset(offset):
+            raise ValueError(f"bad offset {offset!r}")
+        if offset <= state.offset:
+            logger.debug("[client#%d] %r: dropping duplicate offset %d", session.id, state.name, offset)
+            return
+        if offset > state.offset + 1:
+            logger.warning(
+                "[client#%d] %r: offset %d after %d, resubscribing from %d",
+                session.id,
+                state.name,
+                offset,
+                state.offset,
+                state.offset,
+            )
+            self._send_subscribe(session, state)
+            return
+        event_type, time = obj["event"], obj["time"]
+        if not isinstance(event_type, str) or not isinstance(time, int):
+            raise ValueError("bad event type or time")
+        data = obj.get("data")
+        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        event = Event(state.name, state.epoch, offset, event_type, raw, time, data=data)
+        if await self._enqueue(state, event):
+            state.offset = offset
+
+    def _on_error(self, session: _Session, obj: dict[str, Any]) -> None:
+        code, message = obj["code"], obj["message"]
+        topic, ref = obj.get("topic"), obj.get("ref")
+        error = ServerError.from_frame(str(code), str(message), topic if isinstance(topic, str) else None, ref)
+        kind = ref[0] if isinstance(ref, str) and ref else ""
+        state = self._topics.get(error.topic) if error.topic is not None else None
+        if state is None and kind == "s":
+            state = next((s for s in self._topics.values() if s.ref == ref), None)
+        if ref is None and state is not None and state.ref is not None and error.code != ErrorCode.NOT_SUBSCRIBED:
+            # A server that does not echo refs: a refusal naming a topic with a subscribe in flight is its answer.
+            kind, ref = "s", state.ref
+        if self.on_error is not None:
+            try:
+                self.on_error(error)
+            except Exception:
+                logger.exception("on_error raised")
+        if kind == "a":
+            # The ack was not stored: ack again at the next flush.
+            logger.info("[client#%d] ack refused: %s", session.id, error)
+            if state is not None:
+                state.acked = None
+                self._dirty.set()
+            return
+        if kind == "u":
+            logger.debug("[client#%d] unsubscribe answered with %s", session.id, error)
+            return
+        if kind == "s":
+            if state is None or state.ref != ref:
+                logger.debug("[client#%d] ignoring %s for a subscribe replaced since", session.id, error)
+                return
+            state.ref = None
+            if error.code in _RETRYABLE:
+                delay = self.backoff.delay(state.attempt, self._rng)
+                state.attempt += 1
+                logger.warning("[client#%d] subscribe refused (%s); retrying in %.2fs", session.id, error, delay)
+                session.tg.start_soon(self._resubscribe_later, session, state, delay)
+                return
+            logger.error("[client#%d] subscribe refused: %s", session.id, error)
+            del self._topics[state.name]
+            state.error = error
+            state.confirmed.set()
+            if not state.waiters and self.on_error is None:
+                self._push_error(error)
+            return
+        if ref is None and error.code == ErrorCode.RATE_LIMITED.value:
+            # The server does not say which frame it dropped: send again what may be lost.
+            logger.warning("[client#%d] a frame was rate limited: %s", session.id, error)
+            for other in self._topics.values():
+                if not other.live:
+                    session.tg.start_soon(self._resubscribe_later, session, other, self.backoff.delay(0, self._rng))
+                other.acked = None
+            self._dirty.set()
+            return
+        if error.code == ErrorCode.NOT_SUBSCRIBED.value:
+            logger.debug("[client#%d] %s", session.id, error)
+            return
+        logger.warning("[client#%d] server error: %s", session.id, error)
+        if self.on_error is None and error.code not in _RETRYABLE:
+            self._push_error(error)
+
+    async def _resubscribe_later(self, session: _Session, state: _Topic, delay: float) -> None:
+        await self._sleep(delay)
+        if self._session is session and self._topics.get(state.name) is state and not state.live:
+            self._send_subscribe(session, state)
+
+
+def _is_offset(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OFFSET
+
+
+def _check_rewind(rewind: object) -> int:
+    if isinstance(rewind, int) and _is_offset(rewind):
+        return rewind
+    raise ValueError(f"rewind must be a non-negative integer, not {rewind!r}")
+
+
+def _check_cursor(cursor: object) -> Cursor | None:
+    if cursor is None:
+        return None
+    if not isinstance(cursor, Cursor):
+        raise TypeError(f"cursor must be a starlette_replay.Cursor or None, not {type(cursor).__name__}")
+    if not isinstance(cursor.epoch, str) or not cursor.epoch or not _is_offset(cursor.offset):
+        raise ValueError(f"invalid cursor {cursor!r}: a non-empty epoch and an offset from 0 to 2**53-1")
+    return cursor
