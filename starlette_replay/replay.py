@@ -192,6 +192,9 @@ class Replay:
     @contextmanager
     def _track(self, connection: Connection) -> Iterator[None]:
         self._connections.add(connection)
+        if self._stack is None:
+            # Accepted while aclose() ran (or after): the hub no longer gets live events.
+            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
         try:
             yield
         finally:
