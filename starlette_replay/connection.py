@@ -305,8 +305,19 @@ class Connection:
         await self.replay.hub.leave(sub)
 
     async def _ack(self, frame: Ack) -> None:
-        if frame.topic not in self.subs:
+        sub = self.subs.get(frame.topic)
+        if sub is None:
             raise _not_subscribed(frame)
+        # A client can only have processed what this subscription sent it. Storing
+        # more (an offset past it, or a late ack from an epoch the topic has left)
+        # would make its next resume report a gap that never happened.
+        if frame.epoch != sub.epoch or frame.offset > sub.last:
+            raise FrameError(
+                ErrorCode.BAD_REQUEST,
+                f"ack past what this subscription delivered (epoch {sub.epoch}, offset {sub.last})",
+                ref=frame.ref,
+                topic=frame.topic,
+            )
         if self.identity is None:
             return
         try:

@@ -233,10 +233,12 @@ async def test_async_identify(replay_app: tuple[Replay, Any]) -> None:
     assert await replay.store.load_cursor("user-from-async", "t") is not None
 
 
-@pytest.mark.replay(identify=lambda ws: 42)
-async def test_identify_returning_a_non_string_refuses(replay_app: tuple[Replay, Any]) -> None:
-    _, app = replay_app
-    message = await handshake(app)
+@pytest.mark.parametrize("identity", [42, ""], ids=["not-a-string", "empty"])
+async def test_identify_returning_a_non_string_or_empty_refuses(identity: object) -> None:
+    # "" would be one identity shared by every such user: their stored cursors would mix.
+    replay = Replay(MemoryStore(), authorize=allow_all, identify=lambda ws: identity)
+    async with replay:
+        message = await handshake(make_app(replay))
     assert (message["type"], message.get("status")) == ("websocket.http.response.start", 500)
 
 

@@ -305,9 +305,40 @@ async def test_acks_move_forward_within_an_epoch(server: Server) -> None:
             await c.send({"type": "ack", "topic": "t", "epoch": epoch, "offset": offset})
         await c.nothing_pending()
         assert await store.load_cursor("alice", "t") == Cursor(epoch, 4)
-        await c.send({"type": "ack", "topic": "t", "epoch": "elsewhere", "offset": 1})
+
+
+@pytest.mark.replay(identify=_identity)
+async def test_an_ack_in_the_topics_new_epoch_replaces_a_cursor_of_another(server: Server) -> None:
+    await server.publish("t", 3)
+    store = server.replay.store
+    epoch = (await store.position("t")).epoch
+    await store.save_cursor("alice", "t", Cursor("lost-epoch", 9))
+    async with server.connect(path="/ws?user=alice") as c:
+        sub = await c.subscribe("t")
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, False, 3)
+        assert offsets(await c.events(3)) == [1, 2, 3]
+        await c.send({"type": "ack", "topic": "t", "epoch": epoch, "offset": 2})
         await c.nothing_pending()
-        assert await store.load_cursor("alice", "t") == Cursor("elsewhere", 1)
+    assert await store.load_cursor("alice", "t") == Cursor(epoch, 2)
+
+
+@pytest.mark.replay(identify=_identity)
+async def test_an_ack_past_what_was_delivered_is_refused(server: Server) -> None:
+    await server.publish("t", 3)
+    store = server.replay.store
+    epoch = (await store.position("t")).epoch
+    async with server.connect(path="/ws?user=alice") as c:
+        await c.subscribe("t", rewind=3)
+        assert offsets(await c.events(3)) == [1, 2, 3]
+        await c.send({"type": "ack", "topic": "t", "epoch": epoch, "offset": 2})
+        for bad, ref in (({"epoch": epoch, "offset": 4}, "ahead"), ({"epoch": "old-epoch", "offset": 1}, "stale")):
+            error = await c.request({"type": "ack", "topic": "t", **bad, "ref": ref})
+            assert (error["type"], error["code"], error["topic"], error["ref"]) == ("error", "bad_request", "t", ref)
+            assert "delivered" in error["message"]
+        # the connection still serves, and the refused acks stored nothing
+        await server.publish("t", 1)
+        assert offsets(await c.events(1)) == [4]
+    assert await store.load_cursor("alice", "t") == Cursor(epoch, 2)
 
 
 async def test_ack_without_identity_is_ignored(server: Server) -> None:
