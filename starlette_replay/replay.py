@@ -116,6 +116,7 @@ class Replay:
         self._connections: set[Connection] = set()
         self._all_closed: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
+        self._scope: anyio.CancelScope | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
 
@@ -139,9 +140,13 @@ class Replay:
         if self._stack is not None:
             raise RuntimeError("this Replay is already running")
         async with AsyncExitStack() as stack:
+            # Entered around the store's context so that aclose() can shield it:
+            # a task group inside that context must be exited as the innermost scope.
+            scope = stack.enter_context(anyio.CancelScope())
             await stack.enter_async_context(self.store.connect(self.hub))
             self._token = anyio.lowlevel.current_token()
             self._loop_thread = threading.get_ident()
+            self._scope = scope
             self._stack = stack.pop_all()
         return self
 
@@ -156,14 +161,18 @@ class Replay:
     async def aclose(self) -> None:
         """Close every open connection with 1001, then the store. Safe to call twice.
 
-        Call it from the task that started the Replay when the store runs
-        background tasks (as ``RedisStore`` does): their task group cannot be
-        exited from another task.
+        Call it from the task that started the Replay (the lifespan and
+        ``async with`` do): the store's background tasks belong to that task, and
+        anyio refuses to end them from another (``RuntimeError``). Shielded from
+        cancellation; waits at most ``close_timeout + 1`` s for connections.
         """
         stack, self._stack = self._stack, None
         if stack is None:
             return
         self._token = None
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope.shield = True
         with anyio.CancelScope(shield=True):
             if self._connections:
                 logger.info("shutting down: closing %d connections", len(self._connections))
@@ -173,8 +182,8 @@ class Replay:
                 with anyio.move_on_after(self.limits.close_timeout + 1):
                     await self._all_closed.wait()
         try:
-            # Outside any scope of ours: a task group in the store's context must be
-            # exited as the innermost scope. The store shields its own clean-up.
+            # Not inside a new shielding scope (a task group in the store's context
+            # must be exited as the innermost scope): `scope` shields it instead.
             await stack.aclose()
         finally:
             with anyio.CancelScope(shield=True):
@@ -189,6 +198,9 @@ class Replay:
     @contextmanager
     def _track(self, connection: Connection) -> Iterator[None]:
         self._connections.add(connection)
+        if self._stack is None:
+            # Accepted while aclose() ran (or after): the hub no longer gets live events.
+            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
         try:
             yield
         finally:
