@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,16 @@ from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
 from starlette.applications import Starlette
 
-from starlette_replay import MemoryStore, Position, Replay, allow_all
+from starlette_replay import MemoryStore, Position, RedisStore, Replay, allow_all
 
 from .client.helpers import serve
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _MARKED_BLOCK = re.compile(r"<!-- readme-test: ([a-z0-9-]+) -->\n```python\n(.*?)\n```", re.DOTALL)
-TESTED = {"starlette", "own-lifespan", "fastapi", "python-client", "auth", "log-filter", "snapshot"}
+TESTED = {"starlette", "own-lifespan", "fastapi", "python-client", "worker", "auth", "log-filter", "snapshot"}
 TIMEOUT = 5.0
 
 
@@ -108,6 +109,13 @@ async def subscribe(ws: AsyncWebSocketSession, topic: str, **fields: Any) -> dic
     frame = await receive(ws)
     assert frame["type"] == "subscribed", frame
     return frame
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own (free port, files in ``tmp_path``)."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server.url
 
 
 def test_marked_blocks_are_the_tested_ones() -> None:
@@ -326,6 +334,29 @@ async def test_snapshot_refuses_a_history_that_changed_while_read() -> None:
         example.replay.history = trimmed_meanwhile
         response = await client.get("/users/8/snapshot")
         assert response.status_code == 503
+
+
+async def test_worker_publishes_to_a_web_process_through_redis(redis_url: str) -> None:
+    """The worker block, on a real Redis, reaches a client of another Replay on the same Redis."""
+    code = readme_blocks()["worker"]
+    assert "redis://localhost:6379/0" in code
+    worker = types.ModuleType("readme_worker")
+    exec(compile(code.replace("redis://localhost:6379/0", redis_url), "README.md[worker]", "exec"), worker.__dict__)
+
+    web = Replay(store=RedisStore.from_url(redis_url), authorize=allow_all)
+    app = Starlette(routes=[web.route("/ws")], lifespan=web.lifespan)
+    async with running(app) as client, websocket(client) as ws:
+        subscribed = await subscribe(ws, "user:42")
+        with anyio.fail_after(TIMEOUT):
+            await worker.main()
+        events = [await receive(ws), await receive(ws)]
+        assert [(e["offset"], e["event"], e["data"]) for e in events] == [
+            (subscribed["offset"] + 1, "agent_log", {"line": "searching tables..."}),
+            (subscribed["offset"] + 2, "task_interaction", {"text": "Booked"}),
+        ]
+        await nothing_before_pong(ws, "end")
+        assert [e.offset for e in await web.history("user:42")] == [1, 2]
+    assert not worker.replay.running
 
 
 async def test_auth_refuses_a_handshake_without_credentials() -> None:
