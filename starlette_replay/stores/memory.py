@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
 
-import anyio.lowlevel
-
 from ..events import Event
 from .base import Cursor, LiveSink, Position
 
@@ -158,11 +156,6 @@ class MemoryStore:
         *,
         idempotency_key: str | None = None,
     ) -> list[Event]:
-        # Nothing here waits, so without a checkpoint a loop of publishes would
-        # never let the connections' writers run: a burst past send_queue_size
-        # would close prompt readers as slow consumers. Before anything is
-        # stored, so cancelling here stores nothing.
-        await anyio.lowlevel.checkpoint()
         entry = self._get(topic, create=True)
         assert entry is not None
         if idempotency_key is not None:
