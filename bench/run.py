@@ -514,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--clients", default="", help="fanout: only these client counts, e.g. 100,1000")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server and redis-server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cfg = Config(quick=args.quick, reps=args.reps, contenders=args.contenders.split(","))
     cfg.sizes = [int(n) for n in args.clients.split(",") if n]
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
