@@ -84,6 +84,7 @@ class Connection:
         self.identity = identity
         self.id = conn_id
         self.limits: Limits = replay.limits
+        self._backlog_at = self.limits.send_queue_size // 2
         self.subs: dict[str, Subscription] = {}
         self._queue: deque[tuple[str, bool]] = deque()
         self.live_queued = 0  # live frames queued or buffered in subscriptions
@@ -112,8 +113,12 @@ class Connection:
 
     def count_live(self, n: int) -> None:
         self.live_queued += n
-        if n > 0 and self.live_queued > self.limits.send_queue_size:
-            self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        if n > 0 and self.live_queued > self._backlog_at:
+            # A publisher that never waits (a loop over a MemoryStore) must let
+            # the writers run before a prompt reader looks like a slow one.
+            self.replay.hub.backlogged = True
+            if self.live_queued > self.limits.send_queue_size:
+                self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
         self._queue.append((frame, True))
