@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from ._checks import check_int, check_positive, check_seconds
 from .connection import Connection, Limits
 from .endpoint import serve
 from .errors import NotRunning, ReplayError
@@ -63,11 +64,6 @@ def allow_all(websocket: WebSocket, topic: str) -> bool:
     return True
 
 
-def _positive(name: str, value: Any, kind: type | tuple[type, ...] = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:  # type: ignore[operator]
-        raise ValueError(f"{name} must be a positive number, not {value!r}")
-
-
 class Replay:
     """A lossless WebSocket push route backed by an event store.
 
@@ -103,14 +99,14 @@ class Replay:
             ("max_bad_frames", max_bad_frames),
             ("frame_burst", frame_burst),
         ):
-            _positive(name, value)
-        for name, number in (
+            check_int(name, value)
+        for name, seconds in (
             ("heartbeat_interval", heartbeat_interval),
             ("bad_frames_window", bad_frames_window),
-            ("max_frame_rate", max_frame_rate),
             ("close_timeout", close_timeout),
         ):
-            _positive(name, number, (int, float))
+            check_seconds(name, seconds)
+        check_positive("max_frame_rate", max_frame_rate, unit="frames per second")
         if isinstance(allowed_origins, str):
             raise TypeError('allowed_origins must be a list of origins, e.g. ["https://example.com"], not a string')
         if store is not None and not isinstance(store, EventStore):
@@ -301,10 +297,9 @@ class Replay:
         a bad ``after``/``limit``, ``StoreUnavailable``. Safe to cancel.
         """
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 10_000:
-            raise ValueError(f"limit must be an integer from 1 to 10000, not {limit!r}")
-        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
-            raise ValueError(f"after must be a non-negative integer or None, not {after!r}")
+        check_int("limit", limit, high=10_000)
+        if after is not None:
+            check_int("after", after, low=0)
         self._check_running()
         return await self.store.read(topic, 0 if after is None else after, limit)
 
@@ -335,8 +330,7 @@ class Replay:
         every attempt (a topic trimmed faster than it can be read). Safe to cancel.
         """
         check_topic(topic)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
-            raise ValueError(f"limit must be an integer from 1 to 100000, not {limit!r}")
+        check_int("limit", limit, high=100_000)
         self._check_running()
         for _ in range(_SNAPSHOT_ATTEMPTS):
             position = await self.store.position(topic)

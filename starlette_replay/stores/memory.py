@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
 
+from .._checks import check_int, check_seconds
 from ..events import Event
 from .base import Cursor, LiveSink, Position
 
@@ -63,21 +64,10 @@ class MemoryStore:
         max_topics: int = 100_000,
         max_cursors: int = 100_000,
     ) -> None:
-        for name, value in (
-            ("history_size", history_size),
-            ("max_topics", max_topics),
-            ("max_cursors", max_cursors),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if history_ttl is not None and (
-            isinstance(history_ttl, bool) or not isinstance(history_ttl, int | float) or not history_ttl > 0
-        ):
-            raise ValueError(f"history_ttl must be a positive number of seconds or None, not {history_ttl!r}")
-        self.history_size = history_size
-        self.history_ttl = history_ttl
-        self.max_topics = max_topics
-        self.max_cursors = max_cursors
+        self.history_size = check_int("history_size", history_size)
+        self.history_ttl = check_seconds("history_ttl", history_ttl, optional=True)
+        self.max_topics = check_int("max_topics", max_topics)
+        self.max_cursors = check_int("max_cursors", max_cursors)
         # least recently published first
         self._topics: OrderedDict[str, _Topic] = OrderedDict()
         # topics made by position() and never published: forgotten before any topic with

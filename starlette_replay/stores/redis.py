@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
+from .._checks import check_int, check_seconds
 from ..errors import StoreError, StoreUnavailable
 from ..events import Event
 from .base import Cursor, LiveSink, Position
@@ -278,18 +279,14 @@ class RedisStore:
             raise ImportError(_MISSING_REDIS) from exc
         if not hasattr(client, "connection_pool"):
             raise TypeError(f"RedisStore needs a redis.asyncio.Redis client (not {type(client).__name__})")
-        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
-            raise ValueError(f"history_size must be a positive integer, not {history_size!r}")
+        check_int("history_size", history_size)
+        check_seconds("history_ttl", history_ttl, optional=True)
         for name, value in (
-            ("history_ttl", history_ttl),
             ("publish_timeout", publish_timeout),
             ("cursor_ttl", cursor_ttl),
             ("health_check_interval", health_check_interval),
         ):
-            if name == "history_ttl" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+            check_seconds(name, value)
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty string without braces, not {prefix!r}")
         self.history_size = history_size
@@ -339,8 +336,7 @@ class RedisStore:
             from redis.retry import Retry
         except ImportError as exc:
             raise ImportError(_MISSING_REDIS) from exc
-        if isinstance(publish_timeout, bool) or not isinstance(publish_timeout, int | float) or publish_timeout <= 0:
-            raise ValueError(f"publish_timeout must be a positive number of seconds, not {publish_timeout!r}")
+        check_seconds("publish_timeout", publish_timeout)
         options: dict[str, Any] = {
             "socket_connect_timeout": min(float(publish_timeout), 5.0),
             "socket_timeout": float(publish_timeout),
