@@ -72,6 +72,7 @@ class Replay:
         max_frame_rate: float = 100.0,
         frame_burst: int = 200,
         close_timeout: float = 5.0,
+        max_connections_per_identity: int | None = None,
     ) -> None:
         for name, value in (
             ("send_queue_size", send_queue_size),
@@ -99,6 +100,9 @@ class Replay:
         self.identify = identify
         self.allowed_origins = None if allowed_origins is None else [o.rstrip("/") for o in allowed_origins]
         self.max_event_size = max_event_size
+        if max_connections_per_identity is not None:
+            _positive("max_connections_per_identity", max_connections_per_identity)
+        self.max_connections_per_identity = max_connections_per_identity
         self.limits = Limits(
             send_queue_size=send_queue_size,
             max_message_size=max_message_size,
@@ -114,6 +118,8 @@ class Replay:
         self.hub = Hub(self.store)
         self._publisher = Publisher(self)
         self._connections: set[Connection] = set()
+        self._per_identity: dict[str, set[Connection]] = {}
+        self._close_waiters: dict[Connection, anyio.Event] = {}
         self._all_closed: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
         self._scope: anyio.CancelScope | None = None
@@ -189,13 +195,30 @@ class Replay:
         async with self:
             yield
 
+    def _identity_full(self, identity: str | None) -> bool:
+        """True when ``identity`` already holds ``max_connections_per_identity`` connections."""
+        limit = self.max_connections_per_identity
+        return identity is not None and limit is not None and len(self._per_identity.get(identity, ())) >= limit
+
     @contextmanager
     def _track(self, connection: Connection) -> Iterator[None]:
         self._connections.add(connection)
+        identity = connection.identity
+        if identity is not None:
+            self._per_identity.setdefault(identity, set()).add(connection)
         try:
             yield
         finally:
             self._connections.discard(connection)
+            if identity is not None:
+                held = self._per_identity.get(identity)
+                if held is not None:
+                    held.discard(connection)
+                    if not held:
+                        del self._per_identity[identity]
+            waiter = self._close_waiters.pop(connection, None)
+            if waiter is not None:
+                waiter.set()
             if not self._connections and self._all_closed is not None:
                 self._all_closed.set()
 
@@ -272,6 +295,34 @@ class Replay:
         check_topic(topic)
         self._check_running()
         return await self.store.position(topic)
+
+    async def revoke(self, identity: str, *, reason: str = "identity revoked") -> int:
+        """Close every connection of ``identity`` in this process with 1008 (policy violation).
+
+        For a signed-out user, a deleted account, a leaked token: first make the
+        app's ``identify`` hook refuse the credentials (else the client's next
+        handshake is accepted again), then call ``revoke``. Per the protocol a
+        client stops on 1008 and does not reconnect by itself. Handshakes of that
+        identity still in progress (accepted after this call started) are closed
+        too. Only this process's connections: with several workers, call it in
+        each (e.g. from a message your app broadcasts).
+
+        Returns the number of connections closed, once they are closed (waiting
+        at most ``close_timeout`` + 1 s for their close handshakes). Never raises.
+        Cancelling is safe: the connections are already being closed; only the
+        wait stops.
+        """
+        targets = list(self._per_identity.get(identity, ()))
+        if not targets:
+            return 0
+        logger.info("revoking %d connections of an identity: %s", len(targets), reason)
+        waiters = [self._close_waiters.setdefault(connection, anyio.Event()) for connection in targets]
+        for connection in targets:
+            connection.abort(CloseCode.POLICY_VIOLATION, reason)
+        with anyio.move_on_after(self.limits.close_timeout + 1):
+            for waiter in waiters:
+                await waiter.wait()
+        return len(targets)
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""
