@@ -431,3 +431,40 @@ async def test_bad_frame_budget_closes_with_1008() -> None:
         await ping(ws)  # good frames do not count
         await ws.send_text("{")
         assert await closed_with(ws) == 1008
+
+
+async def test_the_python_client_never_logs_its_token(caplog: pytest.LogCaptureFixture) -> None:
+    """The library's client, given a token in the URL's query string and in a subprotocol."""
+    from starlette_replay.client import Backoff, ClientStopped, HandshakeRejected, ReplayClient
+    from tests.client.helpers import serve, take, url
+
+    caplog.set_level(logging.DEBUG, logger="starlette_replay")
+    example = create_app(TOKENS)
+    replay: Replay = example.state.replay
+    async with serve(example) as port:
+        await replay.publish("user:42", "note", {"n": 1})
+        client = ReplayClient(
+            f"{url(port)}?token={TOKEN}",
+            ["user:42"],
+            subprotocols=[f"bearer.{TOKEN}"],
+            rewind=1,
+            backoff=Backoff(initial=0.01, max=0.05),
+        )
+        async with client:
+            assert TOKEN not in repr(client)
+            with anyio.fail_after(TIMEOUT):
+                assert len(await take(client, 1)) == 1
+                assert await replay.revoke("42") == 1
+                with pytest.raises(ClientStopped):  # the client stops on 1008
+                    async for _ in client:
+                        pass
+        refused_client = ReplayClient(f"{url(port)}?token={TOKEN}", ["user:42"], subprotocols=[f"bearer.{TOKEN}x"])
+        async with refused_client:
+            with anyio.fail_after(TIMEOUT), pytest.raises(HandshakeRejected):
+                async for _ in refused_client:
+                    pass
+    library = [r for r in caplog.records if r.name.startswith("starlette_replay")]
+    assert any("connected to" in r.getMessage() for r in library), [r.getMessage() for r in library]
+    for record in library:
+        text = record.getMessage() + (record.exc_text or "")
+        assert TOKEN not in text, f"{record.name}: {text}"
