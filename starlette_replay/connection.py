@@ -25,6 +25,7 @@ import anyio
 from starlette.websockets import WebSocket
 
 from .errors import StoreUnavailable
+from .events import Event
 from .hub import Subscription
 from .protocol import (
     Ack,
@@ -304,8 +305,19 @@ class Connection:
         await self.replay.hub.leave(sub)
 
     async def _ack(self, frame: Ack) -> None:
-        if frame.topic not in self.subs:
+        sub = self.subs.get(frame.topic)
+        if sub is None:
             raise _not_subscribed(frame)
+        # A client can only have processed what this subscription sent it. Storing
+        # more (an offset past it, or a late ack from an epoch the topic has left)
+        # would make its next resume report a gap that never happened.
+        if frame.epoch != sub.epoch or frame.offset > sub.last:
+            raise FrameError(
+                ErrorCode.BAD_REQUEST,
+                f"ack past what this subscription delivered (epoch {sub.epoch}, offset {sub.last})",
+                ref=frame.ref,
+                topic=frame.topic,
+            )
         if self.identity is None:
             return
         try:
@@ -370,6 +382,21 @@ class Connection:
         else:
             recovered = False
             start = max(oldest_cursor, pos.head - frame.rewind)
+        first_page: list[Event] | None = None
+        if start < pos.head:
+            # Read the first page before answering: on a full topic every publish trims
+            # the oldest event, so the oldest may be gone since the head was read. Then
+            # the replay starts after the hole (a gap: not recovered) instead of closing
+            # with 1013, which would send the client back into the same race.
+            try:
+                first_page = await store.read(topic, start, min(self.limits.replay_page_size, pos.head - start))
+            except StoreUnavailable as exc:
+                if self.subs.get(topic) is sub:
+                    await self._drop(topic)
+                raise FrameError(ErrorCode.UNAVAILABLE, f"store unavailable: {exc}", ref=ref, topic=topic) from None
+            if first_page and first_page[0].epoch == pos.epoch and first_page[0].offset > start + 1:
+                start = first_page[0].offset - 1
+                recovered = False
         await self._reply(
             encode_subscribed(
                 topic,
@@ -382,27 +409,30 @@ class Connection:
             )
         )
         try:
-            last = await self._replay(topic, pos.epoch, start, pos.head)
+            last = await self._replay(topic, pos.epoch, start, pos.head, first_page)
         except StoreUnavailable as exc:
             await self._stop(CloseCode.TRY_AGAIN_LATER, f"store unavailable during replay: {exc}")
         if last != pos.head:
             await self._stop(CloseCode.TRY_AGAIN_LATER, f"history of {topic!r} changed during replay")
         sub.go_live(pos.epoch, last)
 
-    async def _replay(self, topic: str, epoch: str, after: int, head: int) -> int:
+    async def _replay(self, topic: str, epoch: str, after: int, head: int, page: list[Event] | None) -> int:
         """Queue the stored events ``after+1 .. head``, paced by the socket.
 
-        Returns the offset of the last event queued, which is less than ``head``
-        when the store no longer has a contiguous history (trimmed or reset
-        meanwhile).
+        ``page`` is the first page when it was read already. Returns the offset
+        of the last event queued, which is less than ``head`` when the store no
+        longer has a contiguous history (trimmed or reset meanwhile).
         """
         store = self.replay.store
         page_size = self.limits.replay_page_size
         previous_page_end = 0
         while after < head:
-            page = await store.read(topic, after, min(page_size, head - after))
+            if page is None:
+                page = await store.read(topic, after, min(page_size, head - after))
             seq = 0
             for event in page:
+                if after == head:
+                    break  # a trimmed store reads past the head: live events, held in the subscription
                 if event.offset != after + 1 or event.epoch != epoch:
                     return after
                 seq = self._push(encode_event(event))
@@ -412,4 +442,5 @@ class Connection:
             # Keep one page in flight while reading the next, no more.
             await self._drained(previous_page_end)
             previous_page_end = seq
+            page = None
         return after

@@ -96,8 +96,9 @@ async def serve(replay: Replay, websocket: WebSocket) -> None:
             result = replay.identify(websocket)
             if inspect.isawaitable(result):
                 result = await result
-            if result is not None and not isinstance(result, str):
-                raise TypeError(f"identify() must return a str or None, not {type(result).__name__}")
+            if result is not None and (not isinstance(result, str) or not result):
+                # "" would make every such user share one set of stored cursors.
+                raise TypeError(f"identify() must return a non-empty str or None, not {result!r}")
             identity = result
         except Refused as exc:
             logger.info("[%s] handshake refused by identify: %s", conn_id, exc.reason)

@@ -82,6 +82,8 @@ class Subscription:
             self.offer(event, frame)
 
     def _broken(self, event: Event) -> None:
+        if self.connection.close_code is not None:
+            return  # already closing: the events that follow would only repeat the warning
         if event.epoch != self.epoch:
             reason = "topic epoch changed"
         else:

@@ -210,6 +210,18 @@ def _bad(message: str, ref: Ref | None = None, topic: str | None = None) -> Fram
     return FrameError(ErrorCode.BAD_REQUEST, message, ref=ref, topic=topic)
 
 
+def _is_utf8(text: str) -> bool:
+    # A JSON escape such as "\ud800" yields a lone surrogate: echoed, it would make a
+    # frame that no socket can send as UTF-8.
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_ref(obj: dict[str, Any]) -> Ref | None:
     if "ref" not in obj:
         return None
@@ -218,6 +230,8 @@ def _parse_ref(obj: dict[str, Any]) -> Ref | None:
         raise _bad("'ref' must be a string or an integer")
     if len(str(ref)) > MAX_REF_LENGTH:
         raise _bad(f"'ref' must be at most {MAX_REF_LENGTH} characters")
+    if isinstance(ref, str) and not _is_utf8(ref):
+        raise _bad("'ref' must be valid Unicode (no lone surrogates)")
     return ref
 
 
@@ -251,6 +265,8 @@ def _field_epoch(obj: dict[str, Any], ref: Ref | None, topic: str) -> str:
         raise _bad("'epoch' must be a non-empty string", ref, topic)
     if len(epoch) > MAX_EPOCH_LENGTH:
         raise _bad(f"'epoch' must be at most {MAX_EPOCH_LENGTH} characters", ref, topic)
+    if not _is_utf8(epoch):
+        raise _bad("'epoch' must be valid Unicode (no lone surrogates)", ref, topic)
     return epoch
 
 

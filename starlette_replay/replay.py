@@ -165,7 +165,13 @@ class Replay:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close every open connection with 1001, then the store. Safe to call twice."""
+        """Close every open connection with 1001, then the store. Safe to call twice.
+
+        Call it from the task that started the Replay (the lifespan and
+        ``async with`` do): the store's background tasks belong to that task, and
+        anyio refuses to end them from another (``RuntimeError``). Shielded from
+        cancellation; waits at most ``close_timeout + 1`` s for connections.
+        """
         stack, self._stack = self._stack, None
         if stack is None:
             return
@@ -206,6 +212,9 @@ class Replay:
         identity = connection.identity
         if identity is not None:
             self._per_identity.setdefault(identity, set()).add(connection)
+        if self._stack is None:
+            # Accepted while aclose() ran (or after): the hub no longer gets live events.
+            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
         try:
             yield
         finally:

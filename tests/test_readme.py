@@ -9,6 +9,8 @@ behaviour the README describes.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import logging
 import re
@@ -16,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,18 @@ import uvicorn.protocols.websockets
 from asgi_lifespan import LifespanManager
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
+from starlette.applications import Starlette
+
+from starlette_replay import MemoryStore, Position, RedisStore, Replay, allow_all
+
+from .client.helpers import serve
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _MARKED_BLOCK = re.compile(r"<!-- readme-test: ([a-z0-9-]+) -->\n```python\n(.*?)\n```", re.DOTALL)
-TESTED = {"starlette", "own-lifespan", "fastapi", "auth", "log-filter"}
+TESTED = {"starlette", "own-lifespan", "fastapi", "python-client", "worker", "auth", "log-filter", "snapshot"}
 TIMEOUT = 5.0
 
 
@@ -103,6 +111,13 @@ async def subscribe(ws: AsyncWebSocketSession, topic: str, **fields: Any) -> dic
     return frame
 
 
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own (free port, files in ``tmp_path``)."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server.url
+
+
 def test_marked_blocks_are_the_tested_ones() -> None:
     assert set(readme_blocks()) == TESTED
 
@@ -123,6 +138,35 @@ def test_block_is_clean_for_ruff(name: str) -> None:
             timeout=60,
         )
         assert result.returncode == 0, f"ruff {command[0]} on README block {name!r}:\n{result.stdout}{result.stderr}"
+
+
+def option_tables() -> list[dict[str, object]]:
+    """The README's configuration tables: option name -> documented default, table by table."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    tables: list[dict[str, object]] = []
+    rows: dict[str, object] | None = None
+    for line in section.splitlines():
+        if line.startswith("| option | default |"):
+            rows = {}
+            tables.append(rows)
+        elif rows is not None and line.startswith("| `"):
+            match = re.match(r"\| `(\w+)` \| `([^`]+)`", line)
+            assert match, line
+            rows[match[1]] = ast.literal_eval(match[2])
+        elif not line.startswith("|"):
+            rows = None
+    return tables
+
+
+@pytest.mark.parametrize("index, cls", [(0, Replay), (1, MemoryStore)])
+def test_configuration_tables_match_the_code(index: int, cls: type) -> None:
+    """Every constructor option is in the README's table, with its real default."""
+    documented = option_tables()[index]
+    parameters = inspect.signature(cls).parameters
+    assert list(documented) == list(parameters)
+    for name, default in documented.items():
+        assert parameters[name].default == default, name
 
 
 async def test_starlette_quickstart() -> None:
@@ -209,6 +253,110 @@ async def test_publish_sync_refuses_the_event_loop_thread() -> None:
     async with running(quickstart.app):
         with pytest.raises(RuntimeError, match="event loop thread"):
             quickstart.replay.publish_sync("user:1", "agent_log", {"line": "x"})
+
+
+class PositionWatch(MemoryStore):
+    """A MemoryStore that says when a subscription has read the topic's head.
+
+    Anything published after that is delivered live to that subscription.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_read = anyio.Event()
+
+    async def position(self, topic: str) -> Position:
+        position = await super().position(topic)
+        self.head_read.set()
+        return position
+
+
+async def test_python_client_against_real_uvicorn() -> None:
+    store = PositionWatch()
+    replay = Replay(store, authorize=allow_all)
+    app = Starlette(routes=[replay.route("/ws")], lifespan=replay.lifespan)
+    printed: list[tuple[Any, ...]] = []
+    got_two = anyio.Event()
+
+    def collect(*args: Any) -> None:
+        printed.append(args)
+        if len(printed) == 2:
+            got_two.set()
+
+    async with serve(app) as port:
+        code = readme_blocks()["python-client"]
+        assert "ws://127.0.0.1:8000/ws" in code
+        example = types.ModuleType("readme_python_client")
+        exec(compile(code.replace(":8000/", f":{port}/"), "README.md[python-client]", "exec"), example.__dict__)
+        example.__dict__["print"] = collect
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(example.main)
+                await store.head_read.wait()
+                await replay.publish("user:42", "task_interaction", {"text": "Booked"})
+                await replay.publish("user:42", "agent_log", {"line": "done"})
+                await got_two.wait()
+                tg.cancel_scope.cancel()
+    assert printed == [
+        ("user:42", 1, "task_interaction", {"text": "Booked"}),
+        ("user:42", 2, "agent_log", {"line": "done"}),
+    ]
+
+
+async def test_snapshot_then_live_from_its_cursor() -> None:
+    example = load("snapshot")
+    async with running(example.app) as client:
+        empty = (await client.get("/users/7/snapshot")).json()
+        assert empty["events"] == [] and empty["cursor"]["offset"] == 0
+        await example.replay.publish_many("user:7", [("message", {"n": n}) for n in range(1, 4)])
+        snapshot = (await client.get("/users/7/snapshot")).json()
+        assert snapshot["topic"] == "user:7"
+        assert snapshot["cursor"] == {"epoch": empty["cursor"]["epoch"], "offset": 3}
+        assert snapshot["events"] == [{"offset": n, "event": "message", "data": {"n": n}} for n in range(1, 4)]
+        await example.replay.publish("user:7", "message", {"n": 4})  # after the snapshot
+        async with websocket(client) as ws:
+            subscribed = await subscribe(ws, "user:7", **snapshot["cursor"])
+            assert (subscribed["recovered"], subscribed["replayed"]) == (True, 1)
+            missed = await receive(ws)
+            assert (missed["offset"], missed["data"]) == (4, {"n": 4})
+            await nothing_before_pong(ws, "end")
+
+
+async def test_snapshot_refuses_a_history_that_changed_while_read() -> None:
+    example = load("snapshot")
+    real_history = example.replay.history
+
+    async def trimmed_meanwhile(topic: str, after: int | None = None, limit: int = 100) -> list[Any]:
+        return (await real_history(topic, after=after, limit=limit))[1:]  # the oldest is gone
+
+    async with running(example.app) as client:
+        await example.replay.publish_many("user:8", [("message", n) for n in range(3)])
+        example.replay.history = trimmed_meanwhile
+        response = await client.get("/users/8/snapshot")
+        assert response.status_code == 503
+
+
+async def test_worker_publishes_to_a_web_process_through_redis(redis_url: str) -> None:
+    """The worker block, on a real Redis, reaches a client of another Replay on the same Redis."""
+    code = readme_blocks()["worker"]
+    assert "redis://localhost:6379/0" in code
+    worker = types.ModuleType("readme_worker")
+    exec(compile(code.replace("redis://localhost:6379/0", redis_url), "README.md[worker]", "exec"), worker.__dict__)
+
+    web = Replay(store=RedisStore.from_url(redis_url), authorize=allow_all)
+    app = Starlette(routes=[web.route("/ws")], lifespan=web.lifespan)
+    async with running(app) as client, websocket(client) as ws:
+        subscribed = await subscribe(ws, "user:42")
+        with anyio.fail_after(TIMEOUT):
+            await worker.main()
+        events = [await receive(ws), await receive(ws)]
+        assert [(e["offset"], e["event"], e["data"]) for e in events] == [
+            (subscribed["offset"] + 1, "agent_log", {"line": "searching tables..."}),
+            (subscribed["offset"] + 2, "task_interaction", {"text": "Booked"}),
+        ]
+        await nothing_before_pong(ws, "end")
+        assert [e.offset for e in await web.history("user:42")] == [1, 2]
+    assert not worker.replay.running
 
 
 async def test_auth_refuses_a_handshake_without_credentials() -> None:

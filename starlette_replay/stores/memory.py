@@ -47,7 +47,8 @@ class MemoryStore:
 
     ``history_ttl`` (seconds): a topic not published to for that long is
     forgotten. ``max_topics``: past it, the least recently published topic is
-    forgotten. A forgotten topic comes back in a new epoch. Topics with live
+    forgotten (topics never published to, made by a subscribe, go first). A
+    forgotten topic comes back in a new epoch. Topics with live
     subscribers in this process are never forgotten by either rule, so that an
     idle but watched topic keeps its epoch. ``max_cursors`` bounds the stored
     cursors (least recently written forgotten first).
@@ -79,6 +80,9 @@ class MemoryStore:
         self.max_cursors = max_cursors
         # least recently published first
         self._topics: OrderedDict[str, _Topic] = OrderedDict()
+        # topics made by position() and never published: forgotten before any topic with
+        # history, so that subscribing to unknown names cannot push real histories out
+        self._unpublished: OrderedDict[str, None] = OrderedDict()
         self._live: set[str] = set()
         self._cursors: OrderedDict[tuple[str, str], Cursor] = OrderedDict()
         self._sink: LiveSink | None = None
@@ -123,29 +127,43 @@ class MemoryStore:
     def _get(self, topic: str, create: bool) -> _Topic | None:
         entry = self._topics.get(topic)
         if entry is not None and topic not in self._live and self._expired(entry, time.monotonic()):
-            del self._topics[topic]
+            self._forget(topic)
             entry = None
         if entry is None and create:
             entry = self._topics[topic] = _Topic(self.history_size)
-            self._forget_extra()
+            self._unpublished[topic] = None
+            self._forget_extra(keep=topic)
         return entry
 
-    def _forget_extra(self) -> None:
-        """Drop expired topics, then the least recently published ones past ``max_topics``."""
+    def _forget(self, topic: str) -> None:
+        del self._topics[topic]
+        self._unpublished.pop(topic, None)
+
+    def _forget_extra(self, keep: str) -> None:
+        """Drop expired topics, then the least recently published ones past ``max_topics``.
+
+        ``keep`` (the topic being created) is never dropped: when every other
+        topic is live the store goes over ``max_topics`` rather than lose it.
+        """
         now = time.monotonic()
         if self.history_ttl is not None:
             for name in list(islice(self._topics, 64)):
                 entry = self._topics[name]
                 if not self._expired(entry, now):
                     break
-                if name not in self._live:
-                    del self._topics[name]
+                if name not in self._live and name != keep:
+                    self._forget(name)
         if len(self._topics) > self.max_topics:
+            for name in list(islice(self._unpublished, 64)):
+                if len(self._topics) <= self.max_topics:
+                    break
+                if name not in self._live and name != keep:
+                    self._forget(name)
             for name in list(self._topics):
                 if len(self._topics) <= self.max_topics:
                     break
-                if name not in self._live:
-                    del self._topics[name]
+                if name not in self._live and name != keep:
+                    self._forget(name)
 
     # --- the log -----------------------------------------------------------------
 
@@ -171,6 +189,7 @@ class MemoryStore:
         entry.events.extend(events)
         entry.last_publish = time.monotonic()
         self._topics.move_to_end(topic)
+        self._unpublished.pop(topic, None)
         if idempotency_key is not None and events:
             entry.keys[idempotency_key] = events
             oldest = entry.oldest()

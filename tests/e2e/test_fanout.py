@@ -17,8 +17,10 @@ EVENTS = 100
 TOPICS = ["fan:a", "fan:b"]
 
 
-async def test_many_clients_each_get_every_event_once(uvicorn_servers: ServerFactory) -> None:
-    server = uvicorn_servers()
+async def test_many_clients_each_get_every_event_once(
+    uvicorn_servers: ServerFactory, store_env: dict[str, str]
+) -> None:
+    server = uvicorn_servers(env=store_env)
     clients = [Subscriber(server.ws_url(), [TOPICS[n % 2]], name=f"c{n}", rewind=0) for n in range(CLIENTS)]
     try:
         with anyio.fail_after(40):

@@ -64,12 +64,17 @@ class Progress:
             await event.wait()
 
 
-async def test_replay_to_live_handoff_has_no_gap(uvicorn_servers: ServerFactory) -> None:
+async def test_replay_to_live_handoff_has_no_gap(uvicorn_servers: ServerFactory, store_env: dict[str, str]) -> None:
     seed = int(os.environ.get("E2E_SEED") or random.randrange(2**32))
     print(f"hand-off race seed: {seed}")
     rng = random.Random(seed)
     server = uvicorn_servers(
-        env={"REPLAY_READ_DELAY": READ_DELAY, "REPLAY_POSITION_DELAY": POSITION_DELAY, "REPLAY_PAGE_SIZE": PAGE_SIZE}
+        env={
+            **store_env,
+            "REPLAY_READ_DELAY": READ_DELAY,
+            "REPLAY_POSITION_DELAY": POSITION_DELAY,
+            "REPLAY_PAGE_SIZE": PAGE_SIZE,
+        }
     )
     final = BACKLOG + PUMPED
     progress = Progress()

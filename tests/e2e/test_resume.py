@@ -31,8 +31,10 @@ async def first_subscribed(client: Subscriber) -> Subscribed:
 
 
 @pytest.mark.parametrize("abort", [False, True], ids=["clean-close", "dead-tcp"])
-async def test_missed_events_arrive_once_in_order_then_live(uvicorn_servers: ServerFactory, abort: bool) -> None:
-    server = uvicorn_servers()
+async def test_missed_events_arrive_once_in_order_then_live(
+    uvicorn_servers: ServerFactory, abort: bool, store_env: dict[str, str]
+) -> None:
+    server = uvicorn_servers(env=store_env)
     client = Subscriber(server.ws_url(), [TOPIC], name="tab")
     async with httpx.AsyncClient(base_url=server.http_url, timeout=5.0) as http:
         with anyio.fail_after(15):
@@ -64,9 +66,11 @@ async def test_missed_events_arrive_once_in_order_then_live(uvicorn_servers: Ser
     assert [f["offset"] for f in second[1:] if f["type"] == "event"] == list(range(4, 11))
 
 
-async def test_stored_cursor_resumes_an_identity_without_a_cursor(uvicorn_servers: ServerFactory) -> None:
+async def test_stored_cursor_resumes_an_identity_without_a_cursor(
+    uvicorn_servers: ServerFactory, store_env: dict[str, str]
+) -> None:
     """A client that lost its cursor (a reloaded page) resumes from the cursor its acks stored."""
-    server = uvicorn_servers()
+    server = uvicorn_servers(env=store_env)
     url = server.ws_url("/ws?identity=user-7")
     async with httpx.AsyncClient(base_url=server.http_url, timeout=5.0) as http:
         with anyio.fail_after(15):

@@ -19,8 +19,10 @@ EVENTS = 500
 PAYLOAD = 16_000  # bytes of padding per event: ~8 MB in all, more than the socket buffers hold
 
 
-async def test_slow_consumer_closed_1013_others_keep_up_then_it_resumes(uvicorn_servers: ServerFactory) -> None:
-    server = uvicorn_servers(env={"REPLAY_SEND_QUEUE_SIZE": SEND_QUEUE, "REPLAY_CLOSE_TIMEOUT": 15})
+async def test_slow_consumer_closed_1013_others_keep_up_then_it_resumes(
+    uvicorn_servers: ServerFactory, store_env: dict[str, str]
+) -> None:
+    server = uvicorn_servers(env={**store_env, "REPLAY_SEND_QUEUE_SIZE": SEND_QUEUE, "REPLAY_CLOSE_TIMEOUT": 15})
     # The slow one: no compression (repeated padding would shrink to nothing), a tiny kernel receive
     # buffer, and websockets stops reading the socket once one message waits unread.
     slow = Subscriber(server.ws_url(), [TOPIC], name="slow", socket_options={"rcvbuf": 4096, "max_queue": 1})

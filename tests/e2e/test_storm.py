@@ -46,12 +46,14 @@ async def storm_client(client: Subscriber, rng: random.Random, publishing: anyio
     return len(client.connections)
 
 
-async def test_reconnect_storm_loses_and_duplicates_nothing(uvicorn_servers: ServerFactory) -> None:
+async def test_reconnect_storm_loses_and_duplicates_nothing(
+    uvicorn_servers: ServerFactory, store_env: dict[str, str]
+) -> None:
     seed = int(os.environ.get("E2E_SEED") or random.randrange(2**32))
     print(f"reconnect storm seed: {seed}")
     rng = random.Random(seed)
     # Slightly slowed store reads: a resume's replay overlaps live publishing, so hand-offs merge buffers.
-    server: UvicornServer = uvicorn_servers(env={"REPLAY_READ_DELAY": 0.005, "REPLAY_PAGE_SIZE": 10})
+    server: UvicornServer = uvicorn_servers(env={**store_env, "REPLAY_READ_DELAY": 0.005, "REPLAY_PAGE_SIZE": 10})
     clients = [
         Subscriber(server.ws_url(), sorted(rng.sample(TOPICS, 2)), name=f"c{n}", rewind=1_000_000)
         for n in range(CLIENTS)

@@ -1,0 +1,207 @@
+"""What is particular to RedisStore: keys, scripts, the listener, the client it is given."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio
+
+from starlette_replay import Cursor, RedisStore, Replay, allow_all
+from tests.redis_server import RecordingSink, RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+@asynccontextmanager
+async def connected(url: str, **options: Any) -> AsyncIterator[tuple[RedisStore, RecordingSink]]:
+    store = RedisStore.from_url(url, publish_timeout=3, **options)
+    sink = RecordingSink()
+    try:
+        async with store.connect(sink):
+            yield store, sink
+    finally:
+        await store.aclose()
+
+
+def test_importing_works_without_redis_py_and_constructing_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from starlette_replay import RedisStore\n"
+        "try:\n"
+        "    RedisStore.from_url('redis://127.0.0.1:1')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "starlette-replay[redis]" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"history_size": 0},
+        {"history_size": True},
+        {"history_ttl": 0},
+        {"publish_timeout": -1},
+        {"cursor_ttl": "1"},
+        {"prefix": "a{b}"},
+        {"prefix": ""},
+    ],
+)
+def test_bad_options_raise_value_error(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        RedisStore.from_url("redis://127.0.0.1:1", **options)
+
+
+async def test_all_keys_of_a_topic_share_its_hash_tag_and_ttl(redis_server: RedisServer) -> None:
+    async with connected(redis_server.url, prefix="tag", history_ttl=60) as (store, _):
+        await store.append("user:42", [("e", "1")], idempotency_key="k")
+        await store.save_cursor("alice", "user:42", Cursor("x", 1))
+        with redis_server.client() as client:
+            keys = sorted(key.decode() for key in client.keys("tag:*"))
+            assert keys == [
+                "tag:{user:42}:cursor:alice",
+                "tag:{user:42}:idem",
+                "tag:{user:42}:idemz",
+                "tag:{user:42}:log",
+                "tag:{user:42}:meta",
+            ]
+            for key in keys:
+                ttl = client.pttl(key)
+                limit = 30 * 24 * 3600 * 1000 if ":cursor:" in key else 60_000
+                assert 0 < ttl <= limit, key
+            # stream entry ids are the offsets
+            assert [entry_id for entry_id, _ in client.xrange("tag:{user:42}:log")] == [b"1-0"]
+
+
+async def test_idempotency_keys_are_forgotten_with_the_history_they_name(redis_server: RedisServer) -> None:
+    async with connected(redis_server.url, prefix="idem", history_size=3) as (store, _):
+        (first,) = await store.append("t", [("e", "1")], idempotency_key="k")
+        assert await store.append("t", [("e", "again")], idempotency_key="k") == [first]
+        await store.append("t", [("e", str(i)) for i in range(3)])  # trims offset 1 away
+        (stored,) = await store.append("t", [("e", "new")], idempotency_key="k")
+        assert stored.offset == 5
+        with redis_server.client() as client:
+            assert client.hlen("idem:{t}:idem") == 1 and client.zcard("idem:{t}:idemz") == 1
+
+
+async def test_a_skipped_live_message_is_repaired_from_the_stream(redis_server: RedisServer) -> None:
+    async with connected(redis_server.url, prefix="gap") as (store, sink):
+        await store.subscribe("t")
+        (one,) = await store.append("t", [("e", "1")])
+        # an event stored without its PUBLISH (as if the message were lost on the way)
+        with redis_server.client() as client:
+            client.hincrby("gap:{t}:meta", "head", 1)
+            client.xadd("gap:{t}:log", {"t": "e", "d": "2", "ms": "1700000000000"}, id="2-0")
+        (three,) = await store.append("t", [("e", "3")])
+        await sink.wait_for(lambda: len(sink.of("t")) == 3)
+        assert [e.offset for e in sink.of("t")] == [1, 2, 3]
+        assert sink.of("t")[1].raw == "2" and sink.of("t")[2] == three and sink.of("t")[0] == one
+        # a malformed message (not ours) is ignored without dropping the connection
+        reconnects = store.reconnects
+        with redis_server.client() as client:
+            client.publish("gap:{t}:live", "not|a|replay|message")
+            client.publish("gap:{t}:live", f"{one.epoch}|9|1|1|5:e")
+        # a replayed (duplicate) message is dropped
+        with redis_server.client() as client:
+            client.publish("gap:{t}:live", f"{one.epoch}|1|{one.time}|1|1:e1:1")
+        (four,) = await store.append("t", [("e", "4")])
+        await sink.wait_for(lambda: len(sink.of("t")) >= 4)
+        assert [e.offset for e in sink.of("t")] == [1, 2, 3, 4] and sink.of("t")[3] == four
+        assert sink.resets == []
+        assert store.reconnects == reconnects
+
+
+async def test_a_given_client_keeps_its_pool_for_commands_and_stays_open(redis_server: RedisServer) -> None:
+    # RESP3 and decoded responses on the app's client; a pool of one connection:
+    # the listener must not take it, and aclose() must not close it.
+    client = redis.asyncio.Redis(
+        host="127.0.0.1", port=redis_server.port, protocol=3, decode_responses=True, max_connections=1
+    )
+    try:
+        store = RedisStore(client, prefix="own", publish_timeout=3)
+        sink = RecordingSink()
+        async with store.connect(sink):
+            await store.subscribe("t")
+            published = await store.append("t", [("e", '{"a": 1}'), ("e", '"b"')], idempotency_key="k")
+            assert await store.append("t", [("e", "x")], idempotency_key="k") == published
+            await sink.wait_for(lambda: len(sink.of("t")) == 2)
+            assert sink.of("t") == published
+            assert await store.read("t", 0, 10) == published
+            await store.save_cursor("i", "t", Cursor(published[0].epoch, 2))
+            assert await store.load_cursor("i", "t") == Cursor(published[0].epoch, 2)
+        await store.aclose()
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_startup_warns_about_lost_writes_and_eviction(
+    redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(appendonly=False, extra=("--maxmemory-policy", "allkeys-lru"))
+    with caplog.at_level(logging.WARNING, logger="starlette_replay.stores.redis"):
+        async with connected(server.url):
+            pass
+    text = caplog.text
+    assert "appendonly=no" in text and "allkeys-lru" in text
+
+
+async def test_startup_with_config_disabled_warns_it_cannot_check(
+    redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(extra=("--rename-command", "CONFIG", ""))
+    with caplog.at_level(logging.WARNING, logger="starlette_replay.stores.redis"):
+        async with connected(server.url) as (store, _):
+            (event,) = await store.append("t", [("e", "1")])
+            assert event.offset == 1
+    assert "cannot read Redis's persistence settings" in caplog.text
+
+
+async def test_a_durable_server_gives_no_warning(
+    redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(appendonly=True)
+    with caplog.at_level(logging.WARNING, logger="starlette_replay.stores.redis"):
+        async with connected(server.url):
+            pass
+    assert caplog.records == []
+
+
+async def test_replay_publishes_and_reads_history_through_redis(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix="facade")
+    async with Replay(store, authorize=allow_all) as replay:
+        event = await replay.publish("t", "greeting", {"text": "hi"})
+        many = await replay.publish_many("t", [("a", 1), ("b", [2])])
+        assert [e.offset for e in [event, *many]] == [1, 2, 3]
+        assert await replay.history("t") == [event, *many]
+        assert (await replay.history("t", after=1, limit=1))[0].data == 1
+    with anyio.fail_after(5):
+        await store.aclose()  # again: safe
+
+
+async def test_a_watched_topic_does_not_expire_but_an_unwatched_one_does(redis_server: RedisServer) -> None:
+    async with connected(redis_server.url, prefix="watch", history_ttl=0.3) as (store, sink):
+        await store.subscribe("watched")
+        (watched,) = await store.append("watched", [("e", "1")])
+        (unwatched,) = await store.append("unwatched", [("e", "1")])
+        await anyio.sleep(1.0)  # the TTL passing is what is under test
+        assert (await store.position("unwatched")).epoch != unwatched.epoch
+        position = await store.position("watched")
+        assert (position.epoch, position.head) == (watched.epoch, 1)
+        await store.unsubscribe("watched")
+        await anyio.sleep(1.0)
+        assert (await store.position("watched")).epoch != watched.epoch
+        assert sink.resets == []
+
+
+def test_a_client_without_a_connection_pool_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
+        RedisStore(object())  # type: ignore[arg-type]
