@@ -17,7 +17,7 @@ Chaos, all drawn from one seed that is printed first:
 - clients drop their socket at random (a clean close or a TCP abort) and
   reconnect to either worker, resuming from their cursor;
 - faults every 1.5-4 s: SIGKILL a worker and start it again; SIGKILL Redis
-  and start it again (AOF); ``CLIENT KILL TYPE pubsub`` (the workers' live
+  and start it again 0.5-7 s later (from its AOF); ``CLIENT KILL TYPE pubsub`` (the workers' live
   listeners); pause a client (it stops reading: a slow consumer, closed
   with 1013 past the send queue).
 
@@ -309,7 +309,11 @@ async def _faults(
             worker = rng.choice(workers)
             await anyio.to_thread.run_sync(functools.partial(worker.restart, kill=True, timeout=30))
         elif fault == "restart_redis":
-            await anyio.to_thread.run_sync(redis_server.restart)
+            # Down for a while (publishes fail and are retried, subscribes are
+            # refused, listeners reconnect), then back from its AOF.
+            await anyio.to_thread.run_sync(redis_server.kill)
+            await anyio.sleep(rng.uniform(0.5, 7.0))  # the outage: some outlast publish_timeout (5 s)
+            await anyio.to_thread.run_sync(redis_server.start)
         elif fault == "kill_listener":
             await anyio.to_thread.run_sync(redis_server.kill_pubsub_clients)
         else:
