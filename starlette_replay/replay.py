@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -332,6 +333,46 @@ class Replay:
             for waiter in waiters:
                 await waiter.wait()
         return len(targets)
+
+    async def recheck(
+        self,
+        check: Callable[[WebSocket, str | None], bool | Awaitable[bool]],
+        *,
+        reason: str = "identity no longer valid",
+    ) -> int:
+        """Re-check every connection of this process; close those that fail with 1008.
+
+        ``check(websocket, identity)`` gets each connection's handshake
+        ``WebSocket`` (its headers, cookies, subprotocols, ``state``) and the
+        identity ``identify`` returned; return False (or raise) to close it. Call
+        it periodically from the app (e.g. a task in its lifespan) to expire
+        tokens or sessions that were valid at the handshake. Connections are
+        checked one after the other; a check that raises is logged and counts
+        as False.
+
+        Returns the number of connections closed, once they are closed (at most
+        ``close_timeout`` + 1 s of waiting). Cancelling is safe: connections
+        already found invalid are being closed; the others stay open.
+        """
+        failed: list[Connection] = []
+        for connection in list(self._connections):
+            try:
+                result = check(connection.websocket, connection.identity)
+                if inspect.isawaitable(result):
+                    result = await result
+                valid = result is True
+            except Exception:
+                logger.exception("[%s] recheck() raised; closing the connection", connection.id)
+                valid = False
+            if not valid and connection in self._connections:
+                failed.append(connection)
+                self._close_waiters.setdefault(connection, anyio.Event())
+                connection.abort(CloseCode.POLICY_VIOLATION, reason)
+        waiters = [self._close_waiters[c] for c in failed if c in self._close_waiters]
+        with anyio.move_on_after(self.limits.close_timeout + 1):
+            for waiter in waiters:
+                await waiter.wait()
+        return len(failed)
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""

@@ -470,3 +470,30 @@ async def test_the_python_client_never_logs_its_token(caplog: pytest.LogCaptureF
     for record in library:
         text = record.getMessage() + (record.exc_text or "")
         assert TOKEN not in text, f"{record.name}: {text}"
+
+
+async def test_recheck_closes_the_connections_that_fail_with_1008(caplog: pytest.LogCaptureFixture) -> None:
+    example = create_app(TOKENS)
+    replay: Replay = example.state.replay
+    expired = {TOKEN}  # the app's view: this token expired since the handshake
+
+    def still_valid(websocket: WebSocket, identity: str | None) -> bool:
+        offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
+        return not any(p.removeprefix("bearer.") in expired for p in offered if p.startswith("bearer."))
+
+    async with running(example) as app:
+        async with (
+            socket(app, subprotocols=["replay.v1", f"bearer.{TOKEN}"]) as stale,
+            socket(app, subprotocols=["replay.v1", "bearer.tok_other"]) as fresh,
+        ):
+            assert await replay.recheck(still_valid) == 1
+            assert await closed_with(stale) == 1008
+            await ping(fresh)
+
+            async def broken(websocket: WebSocket, identity: str | None) -> bool:
+                raise RuntimeError("the token service is down")
+
+            assert await replay.recheck(broken) == 1  # a check that raises counts as failed
+            assert await closed_with(fresh) == 1008
+        assert replay.stats()["connections"] == 0
+    assert any("recheck() raised" in r.getMessage() for r in caplog.records)
