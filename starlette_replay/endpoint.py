@@ -128,11 +128,12 @@ async def serve(replay: Replay, websocket: WebSocket) -> None:
         await _deny(websocket, 403, "too many connections")
         return
     connection = Connection(replay, websocket, identity, conn_id)
-    # Tracked from before accept(), with no await since the check above: the
-    # per-identity count has no race, and revoke() reaches handshakes in progress.
-    with replay._track(connection):
+    # Counted for its identity from before accept(), with no await since the
+    # check above: the limit has no race, and revoke() reaches handshakes in progress.
+    with replay._reserve(connection):
         offered = websocket.scope.get("subprotocols") or []
         await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         logger.debug("[%s] connected (identity=%r)", conn_id, identity)
-        await connection.run()
+        with replay._track(connection):
+            await connection.run()
     logger.debug("[%s] closed (%s)", conn_id, connection.close_code)

@@ -208,18 +208,14 @@ class Replay:
         return identity is not None and limit is not None and len(self._per_identity.get(identity, ())) >= limit
 
     @contextmanager
-    def _track(self, connection: Connection) -> Iterator[None]:
-        self._connections.add(connection)
+    def _reserve(self, connection: Connection) -> Iterator[None]:
+        """Count ``connection`` against its identity from before ``accept()`` until it is closed."""
         identity = connection.identity
         if identity is not None:
             self._per_identity.setdefault(identity, set()).add(connection)
-        if self._stack is None:
-            # Accepted while aclose() ran (or after): the hub no longer gets live events.
-            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
         try:
             yield
         finally:
-            self._connections.discard(connection)
             if identity is not None:
                 held = self._per_identity.get(identity)
                 if held is not None:
@@ -229,6 +225,17 @@ class Replay:
             waiter = self._close_waiters.pop(connection, None)
             if waiter is not None:
                 waiter.set()
+
+    @contextmanager
+    def _track(self, connection: Connection) -> Iterator[None]:
+        self._connections.add(connection)
+        if self._stack is None:
+            # Accepted while aclose() ran (or after): the hub no longer gets live events.
+            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
+        try:
+            yield
+        finally:
+            self._connections.discard(connection)
             if not self._connections and self._all_closed is not None:
                 self._all_closed.set()
 
