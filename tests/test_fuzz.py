@@ -57,6 +57,7 @@ EXAMPLES = 420  # about 26 frames an example on average: > 10,000 frames
 TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 65536
 REPLY_TYPES = {"error", "subscribed", "unsubscribed", "pong"}
+REAL_EPOCH = "<real epoch>"
 OWN_TOPICS = ["fuzzer:a", "fuzzer:b", "fuzzer:c"]
 VICTIM_TOPIC = "victim:a"
 
@@ -115,7 +116,9 @@ def valid_frames(draw: st.DrawFn) -> dict[str, Any]:
     if kind != "ping":
         frame["topic"] = draw(st.sampled_from([*OWN_TOPICS, *OWN_TOPICS, VICTIM_TOPIC]))
     if kind == "ack" or (kind == "subscribe" and draw(st.booleans())):
-        frame["epoch"] = draw(st.text(max_size=12))
+        # Mostly the topic's real epoch (filled in at send time), so that acks are
+        # stored and resumes recover; sometimes any text.
+        frame["epoch"] = draw(st.sampled_from([REAL_EPOCH, REAL_EPOCH, REAL_EPOCH]) | st.text(max_size=12))
         frame["offset"] = draw(st.integers(0, 60))
     if kind == "subscribe" and draw(st.booleans()):
         frame["rewind"] = draw(st.integers(0, 50))
@@ -191,6 +194,8 @@ class FuzzState:
     closes: int = 0
     sync: int = 0
     expected: dict[str, int] = field(default_factory=dict)  # topic -> next offset
+    epochs: dict[str, str] = field(default_factory=dict)  # topic -> epoch, from subscribed frames
+    acks_stored: int = 0
     trace: deque[tuple[str, str | bytes]] = field(default_factory=lambda: deque(maxlen=40))
 
 
@@ -226,7 +231,23 @@ def check_event(state: FuzzState, obj: dict[str, Any]) -> None:
     state.events += 1
 
 
+def with_real_epoch(frame: str | bytes, state: FuzzState) -> str | bytes:
+    """Replace the REAL_EPOCH placeholder by the epoch the fuzzer saw for the frame's topic."""
+    if isinstance(frame, bytes) or REAL_EPOCH not in frame:
+        return frame
+    try:
+        obj = json.loads(frame)
+    except (ValueError, RecursionError):
+        return frame
+    if isinstance(obj, dict) and obj.get("epoch") == REAL_EPOCH:
+        topic = obj.get("topic")
+        obj["epoch"] = state.epochs.get(topic, "never-seen") if isinstance(topic, str) else "never-seen"
+        return json.dumps(obj)
+    return frame
+
+
 async def fuzz_one(ws: AsyncWebSocketSession, state: FuzzState, frame: str | bytes) -> None:
+    frame = with_real_epoch(frame, state)
     if isinstance(frame, bytes):
         await ws.send_bytes(frame)
     else:
@@ -260,12 +281,14 @@ async def fuzz_one(ws: AsyncWebSocketSession, state: FuzzState, frame: str | byt
                 topic = obj["topic"]
                 assert topic.startswith("fuzzer:"), obj
                 state.expected[topic] = obj["offset"] - obj["replayed"] + 1
+                state.epochs[topic] = obj["epoch"]
             elif kind == "unsubscribed":
                 state.expected.pop(obj["topic"])
     state.replies += len(replies)
     assert len(replies) <= 1, f"{frame!r:.200} got {replies}"
     if not replies:
         assert is_ack(frame), f"no answer to {frame!r:.200}"
+        state.acks_stored += 1
 
 
 # --- the fuzz run --------------------------------------------------------------------
@@ -352,10 +375,12 @@ def test_fuzzed_frames_are_answered_and_never_leak(caplog: pytest.LogCaptureFixt
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or "closing with" in r.getMessage()]
     assert not errors, [r.getMessage() for r in errors[:5]]
     print(
-        f"\nfuzz: {state.frames} frames fuzzed ({state.replies} replies, {state.events} events checked, "
+        f"\nfuzz: {state.frames} frames fuzzed ({state.replies} replies, {state.acks_stored} acks stored, "
+        f"{state.events} events checked, "
         f"{published} publish rounds) in {elapsed:.1f}s"
     )
     assert state.frames >= FUZZ_FRAMES_MIN
+    assert state.acks_stored > 0 and state.events > 0  # the valid paths were exercised too
 
 
 def padded_ping(size: int, char: str) -> str:
