@@ -16,7 +16,10 @@ What it does:
    while sampling the server's RSS and ``replay.stats()`` every second;
 4. waits until every client has every event of its topic, checking each
    frame on arrival (dense offsets, no duplicate, no unexpected close);
-5. closes the clients and checks that the server's counts return to zero.
+5. closes the clients and checks that the server's counts return to zero;
+6. with ``--churn K``: K cycles of every client connecting, subscribing and
+   leaving; the counts return to zero after each, and the RSS after the last
+   cycle is within the tolerance of the RSS after the second.
 
 Figures: connections held, events published, frames delivered, errors, gaps,
 duplicates, publish latency (p50/p99/max of ``await replay.publish``),
@@ -141,8 +144,19 @@ class Figures:
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
     stats_after: dict[str, int] = field(default_factory=dict)
+    churn_rss_mib: list[float] = field(default_factory=list)
     seconds: float = 0.0
     ok: bool = False
+
+
+async def _settled(port: int) -> dict[str, int]:
+    """The server's stats once its connection count is back to zero (or after 10 s)."""
+    for _ in range(100):  # the server notices closes asynchronously; polling another process
+        stats: dict[str, int] = await asyncio.to_thread(_get, port, "/stats")
+        if stats["connections"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    return stats
 
 
 def _free_port() -> int:
@@ -262,6 +276,7 @@ async def soak(
     history: int = 20,
     memory_tolerance: float = 0.05,
     check_memory: bool = True,
+    churn: int = 0,
     log_path: Path | None = None,
 ) -> Figures:
     """Run one soak and return its figures (``figures.ok`` tells whether it passed)."""
@@ -320,11 +335,23 @@ async def soak(
             if client.ws is not None:
                 await client.ws.close()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-        for _ in range(100):  # the server notices the closes asynchronously
-            figures.stats_after = await asyncio.to_thread(_get, port, "/stats")
-            if figures.stats_after["connections"] == 0:
-                break
-            await asyncio.sleep(0.1)
+        figures.stats_after = await _settled(port)
+        for cycle in range(churn):
+            # Churn at full size: every client connects, subscribes and leaves again.
+            group = [Client(i, names[i % topics], figures, []) for i in range(connections)]
+            runs = []
+            for batch in range(0, connections, 100):
+                runs += [asyncio.create_task(c.run(url)) for c in group[batch : batch + 100]]
+                await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in group[batch : batch + 100])), 60)
+            for client in group:
+                if client.ws is not None:
+                    await client.ws.close()
+            await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 60)
+            after = await _settled(port)
+            figures.churn_rss_mib.append(round(after["rss"] / 2**20, 1))
+            leftover = {k: after[k] for k in ("connections", "subscriptions", "topics", "queued_frames") if after[k]}
+            if leftover:
+                figures.errors.append(f"churn cycle {cycle + 1}: counts did not return to zero: {leftover}")
     finally:
         for task in tasks:
             task.cancel()
@@ -354,6 +381,11 @@ async def soak(
             figures.errors.append(f"memory grew {growth:.1%} between the halves (tolerance {memory_tolerance:.0%})")
     elif check_memory:
         figures.errors.append("too few memory samples after the warm-up: run longer")
+    if len(figures.churn_rss_mib) >= 3:
+        # After the first cycles have sized the allocator's pools, churn must not add memory.
+        base, last_rss = figures.churn_rss_mib[1], figures.churn_rss_mib[-1]
+        if last_rss > base * (1 + memory_tolerance) + 2:
+            figures.errors.append(f"memory grew over churn cycles: {figures.churn_rss_mib} MiB")
     leftover = {
         k: v
         for k, v in figures.stats_after.items()
@@ -376,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--history", type=int, default=20, help="the store's history_size per topic")
     parser.add_argument("--memory-tolerance", type=float, default=0.05)
     parser.add_argument("--no-memory-check", action="store_true", help="for short runs")
+    parser.add_argument("--churn", type=int, default=0, help="afterwards, cycles of all clients connecting and leaving")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     figures = asyncio.run(
@@ -387,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             history=args.history,
             memory_tolerance=args.memory_tolerance,
             check_memory=not args.no_memory_check,
+            churn=args.churn,
         )
     )
     report = {k: v for k, v in figures.__dict__.items() if k != "rss_samples"}

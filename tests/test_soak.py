@@ -2,7 +2,8 @@
 
 - ``test_short_soak``: ``bench/soak.py`` at CI size (300 connections on a real
   uvicorn process, 4 s of publishing): no error, no gap, no duplicate, every
-  event delivered, the server's counts back to zero after the clients leave.
+  event delivered, the server's counts back to zero after the clients leave,
+  and again after each of 3 cycles of all 300 connecting and leaving.
 - ``test_churn_leaves_nothing_behind``: in-process, rounds of connections that
   connect, subscribe (some twice, some with a replay), read, unsubscribe or
   not, and leave, while a publisher runs; afterwards ``replay.stats()`` is all
@@ -59,6 +60,7 @@ async def test_short_soak(tmp_path: Path) -> None:
     assert figures.connections_held == 300
     assert figures.published >= 300 and figures.delivered >= figures.published * 300 // 30 - 300
     assert {k: figures.stats_after[k] for k in ZERO} == ZERO
+    assert len(figures.churn_rss_mib) == 3  # each cycle's counts were checked (errors would say otherwise)
     assert figures.ok
 
 
