@@ -52,7 +52,9 @@ def load_soak() -> Any:
 async def test_short_soak(tmp_path: Path) -> None:
     soak = load_soak()
     with anyio.fail_after(120):
-        figures = await soak.soak(300, 4.0, topics=30, rate=100.0, check_memory=False, log_path=tmp_path / "server.log")
+        figures = await soak.soak(
+            300, 4.0, topics=30, rate=100.0, check_memory=False, churn=3, log_path=tmp_path / "server.log"
+        )
     summary = {k: v for k, v in figures.__dict__.items() if k != "rss_samples"}
     print(f"\nsoak (short): {json.dumps(summary)}")
     assert figures.errors == []
