@@ -24,7 +24,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -46,6 +45,7 @@ COOKIE = "uid"
 _UID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TEXT = 500
+HISTORY_LIMIT = 1000  # events a page load shows at most
 
 
 def user_id(conn: HTTPConnection) -> str | None:
@@ -141,22 +141,15 @@ def create_app(
         if uid is None:
             return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
         topic = topic_of(uid)
-        position = await replay.position(topic)
-        events: list[dict[str, Any]] = []
-        after = position.oldest - 1
-        while after < position.head:
-            page = await replay.history(topic, after=after, limit=500)
-            page = [e for e in page if e.epoch == position.epoch and e.offset <= position.head]
-            if not page:
-                break
-            events.extend(
-                {"offset": e.offset, "event": e.event, "data": e.data, "time": e.time, "epoch": e.epoch} for e in page
-            )
-            after = page[-1].offset
+        snap = await replay.snapshot(topic, limit=HISTORY_LIMIT)
+        events = [
+            {"offset": e.offset, "event": e.event, "data": e.data, "time": e.time, "epoch": e.epoch}
+            for e in snap.events
+        ]
         return JSONResponse(
             {
                 "topic": topic,
-                "cursor": {"epoch": position.epoch, "offset": position.head},
+                "cursor": {"epoch": snap.epoch, "offset": snap.head},
                 "events": events,
                 "agent_delay": agent_delay,
                 "heartbeat_interval": heartbeat_interval,

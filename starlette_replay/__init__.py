@@ -18,7 +18,7 @@ from .errors import (
 from .events import Event
 from .protocol import CloseCode, ErrorCode
 from .publisher import Publisher
-from .replay import Replay, allow_all
+from .replay import Replay, Snapshot, allow_all
 from .stores.base import Cursor, EventStore, Position
 from .stores.memory import MemoryStore
 from .stores.redis import RedisStore
@@ -39,6 +39,7 @@ __all__ = [
     "Refused",
     "Replay",
     "ReplayError",
+    "Snapshot",
     "StoreError",
     "StoreUnavailable",
     "allow_all",

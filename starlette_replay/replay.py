@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -19,23 +20,42 @@ from starlette.websockets import WebSocket
 
 from .connection import Connection, Limits
 from .endpoint import serve
-from .errors import NotRunning
+from .errors import NotRunning, ReplayError
 from .events import Event
 from .hub import Hub
 from .protocol import CloseCode, check_topic
 from .publisher import Publisher
-from .stores.base import EventStore, Position
+from .stores.base import Cursor, EventStore, Position
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Authorize", "Identify", "Replay", "allow_all"]
+__all__ = ["Authorize", "Identify", "Replay", "Snapshot", "allow_all"]
 
 logger = logging.getLogger("starlette_replay.replay")
 
 Authorize = Callable[[WebSocket, str], "bool | Awaitable[bool]"]
 Identify = Callable[[WebSocket], "str | Awaitable[str | None] | None"]
+
+
+_SNAPSHOT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A topic's newest retained events and the cursor to subscribe from after them."""
+
+    topic: str
+    epoch: str
+    head: int
+    events: list[Event]
+    complete: bool  # False: more events were retained than the limit asked for
+
+    @property
+    def cursor(self) -> Cursor:
+        """``(epoch, head)``: subscribe from here to get what follows the snapshot."""
+        return Cursor(self.epoch, self.head)
 
 
 def allow_all(websocket: WebSocket, topic: str) -> bool:
@@ -380,6 +400,39 @@ class Replay:
             for waiter in waiters:
                 await waiter.wait()
         return len(failed)
+
+    async def snapshot(self, topic: str, *, limit: int = 1000) -> Snapshot:
+        """The newest retained events of ``topic`` (at most ``limit``) and the cursor right after them.
+
+        For an app that renders state over HTTP first: show ``snapshot.events``,
+        then have the client subscribe from ``snapshot.cursor``; nothing published
+        in between is missed or shown twice. The events are contiguous and end at
+        the head; if the history is trimmed or reset while it is read, the read
+        starts over (a few times). ``snapshot.complete`` is False when more than
+        ``limit`` events were retained (only the newest are returned).
+
+        Raises ``InvalidTopic``, ``ValueError`` (bad ``limit``), ``NotRunning``,
+        ``StoreUnavailable``, and ``ReplayError`` when the history changed under
+        every attempt (a topic trimmed faster than it can be read). Safe to cancel.
+        """
+        check_topic(topic)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
+            raise ValueError(f"limit must be an integer from 1 to 100000, not {limit!r}")
+        self._check_running()
+        for _ in range(_SNAPSHOT_ATTEMPTS):
+            position = await self.store.position(topic)
+            start = max(position.oldest - 1, position.head - limit)
+            events: list[Event] = []
+            after = start
+            while after < position.head:
+                page = await self.store.read(topic, after, min(500, position.head - after))
+                if not page or page[0].offset != after + 1 or page[-1].epoch != position.epoch:
+                    break  # trimmed or reset meanwhile: start over
+                events += page
+                after = page[-1].offset
+            else:
+                return Snapshot(topic, position.epoch, position.head, events, complete=start == position.oldest - 1)
+        raise ReplayError(f"the history of {topic!r} changed under every attempt to read it")
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""

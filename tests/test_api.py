@@ -61,6 +61,7 @@ OUR_ADDITIONS = {
     "EventStore",
     "NotRunning",
     "Position",
+    "Snapshot",
     "StoreError",
     "StoreUnavailable",
 }

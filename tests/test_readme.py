@@ -322,20 +322,6 @@ async def test_snapshot_then_live_from_its_cursor() -> None:
             await nothing_before_pong(ws, "end")
 
 
-async def test_snapshot_refuses_a_history_that_changed_while_read() -> None:
-    example = load("snapshot")
-    real_history = example.replay.history
-
-    async def trimmed_meanwhile(topic: str, after: int | None = None, limit: int = 100) -> list[Any]:
-        return (await real_history(topic, after=after, limit=limit))[1:]  # the oldest is gone
-
-    async with running(example.app) as client:
-        await example.replay.publish_many("user:8", [("message", n) for n in range(3)])
-        example.replay.history = trimmed_meanwhile
-        response = await client.get("/users/8/snapshot")
-        assert response.status_code == 503
-
-
 async def test_worker_publishes_to_a_web_process_through_redis(redis_url: str) -> None:
     """The worker block, on a real Redis, reaches a client of another Replay on the same Redis."""
     code = readme_blocks()["worker"]
