@@ -34,7 +34,8 @@ stream read back from Redis:
 - wrong data or epoch: an event whose payload differs from the stream's.
 
 Required: all zero. Every acknowledged publish must also be in the stream,
-once (no acknowledged write lost, no publish stored twice).
+once (no acknowledged write lost, no publish stored twice), and no worker
+logs a traceback (ERROR lines are counted and reported).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class ChaosReport:
     acked_missing: int = 0
     stored_twice: int = 0
     caught_up: bool = False
+    server_tracebacks: int = 0
+    server_error_lines: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -119,6 +122,7 @@ class ChaosReport:
                 self.wrong_data,
                 self.acked_missing,
                 self.stored_twice,
+                self.server_tracebacks,
             )
         )
 
@@ -452,6 +456,13 @@ async def run_chaos(
                     epochs[topic] = page[-1].epoch
                 stream[topic] = events
         check(chaos_clients, stream, epochs, acked, report)
+        for worker in workers:
+            for line in worker.log_text().splitlines():
+                if line.startswith("Traceback"):
+                    report.server_tracebacks += 1
+                    report.problems.append(f"{worker.name}: a traceback in its log")
+                elif "ERROR" in line:
+                    report.server_error_lines += 1
     finally:
         for worker in workers:
             await anyio.to_thread.run_sync(worker.stop)
