@@ -44,6 +44,7 @@ async def test_chaos_short(tmp_path: Path) -> None:
             "wrong_data",
             "acked_missing",
             "stored_twice",
+            "server_tracebacks",
         )
     }
     assert counts == dict.fromkeys(counts, 0), (seed, summary["problems"])
