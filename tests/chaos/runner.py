@@ -18,8 +18,9 @@ Chaos, all drawn from one seed that is printed first:
   reconnect to either worker, resuming from their cursor;
 - faults every 1.5-4 s: SIGKILL a worker and start it again; SIGKILL Redis
   and start it again 0.5-7 s later (from its AOF); ``CLIENT KILL TYPE pubsub`` (the workers' live
-  listeners); pause a client (it stops reading: a slow consumer, closed
-  with 1013 past the send queue).
+  listener); pause a client for 2-5 s while 300 events of 1 kB arrive at
+  once on one of its topics (a slow consumer: closed with 1013 past the send
+  queue of 64, then it resumes).
 
 At the end the publisher stops, every client catches up to each topic's head,
 and every client's raw log (each subscription's ``subscribed`` frame and the
@@ -41,15 +42,17 @@ logs a traceback (ERROR lines are counted and reported).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from starlette_replay import RedisStore, Replay, ReplayError
+from starlette_replay import Event, RedisStore, Replay, ReplayError
 from tests.redis_server import RedisServer
 from tests.servers import UvicornServer
 
@@ -67,6 +70,7 @@ __all__ = ["ChaosReport", "run_chaos"]
 
 SUBPROTOCOLS = [Subprotocol("replay.v1")]
 FAULTS = ("kill_worker", "restart_redis", "kill_listener", "pause_client")
+BURST = 300  # large events published at once to a paused client's topic
 
 
 @dataclass
@@ -183,8 +187,19 @@ class ChaosClient:
             await anyio.sleep(self.rng.uniform(0.02, 0.3))  # reconnect backoff (chaos pacing)
 
     async def _session(self, server: UvicornServer, stop: anyio.Event) -> None:
+        # A small receive buffer: a client that stops reading soon holds up the server's writer.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.setblocking(False)
+        try:
+            with anyio.fail_after(5):
+                await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port or 0))
+        except BaseException:
+            sock.close()
+            raise
         async with connect(
             server.ws_url(),
+            sock=sock,
             subprotocols=SUBPROTOCOLS,
             compression=None,
             ping_interval=None,
@@ -254,27 +269,45 @@ async def publisher(
     report: ChaosReport,
     acked: list[tuple[str, int, int]],
     done: anyio.Event,
+    bursts: list[str],
 ) -> None:
-    """Publish round robin until ``stop``; each publish retried under one idempotency key until acknowledged."""
+    """Publish round robin until ``stop``; each publish retried under one idempotency key until acknowledged.
+
+    A topic put in ``bursts`` gets ``BURST`` large events at once (one ``publish_many``).
+    """
     async with Replay(RedisStore.from_url(url, prefix="chaos", publish_timeout=2.0)) as replay:
-        k = 0
+        k = n = 0
         started = time.monotonic()
         while not stop.is_set():
-            due = started + k / rate
+            if bursts:
+                topic = bursts.pop()
+                items = [("burst", {"k": k + j, "pad": "x" * 1000}) for j in range(BURST)]
+                burst = functools.partial(replay.publish_many, topic, items, idempotency_key=f"b{k}")
+                events = await _retried(report, burst)
+                acked += [(topic, event.offset, k + j) for j, event in enumerate(events)]
+                report.published += BURST
+                k += BURST
+                continue
+            due = started + n / rate
             if due > time.monotonic():
                 await anyio.sleep(due - time.monotonic())  # the publishing pace
-            topic = topics[k % len(topics)]
-            while True:
-                try:
-                    event = await replay.publish(topic, "tick", {"k": k}, idempotency_key=f"k{k}")
-                    break
-                except ReplayError:
-                    report.publish_retries += 1
-                    await anyio.sleep(0.1)  # Redis is down: retry the same key
+            topic = topics[n % len(topics)]
+            one = functools.partial(replay.publish_many, topic, [("tick", {"k": k})], idempotency_key=f"k{k}")
+            (event,) = await _retried(report, one)
             acked.append((topic, event.offset, k))
             report.published += 1
             k += 1
+            n += 1
     done.set()
+
+
+async def _retried(report: ChaosReport, publish: Callable[[], Awaitable[list[Event]]]) -> list[Event]:
+    while True:
+        try:
+            return await publish()
+        except ReplayError:
+            report.publish_retries += 1
+            await anyio.sleep(0.1)  # Redis is down: retry under the same idempotency key
 
 
 async def faults(
@@ -285,8 +318,9 @@ async def faults(
     stop: anyio.Event,
     report: ChaosReport,
     done: anyio.Event,
+    bursts: list[str],
 ) -> None:
-    await _faults(rng, redis_server, workers, clients, stop, report)
+    await _faults(rng, redis_server, workers, clients, stop, report, bursts)
     done.set()
 
 
@@ -297,6 +331,7 @@ async def _faults(
     clients: list[ChaosClient],
     stop: anyio.Event,
     report: ChaosReport,
+    bursts: list[str],
 ) -> None:
     t0 = time.monotonic()
     first = rng.sample(FAULTS, len(FAULTS))
@@ -321,7 +356,12 @@ async def _faults(
         elif fault == "kill_listener":
             await anyio.to_thread.run_sync(redis_server.kill_pubsub_clients)
         else:
-            rng.choice(clients).pause(rng.uniform(1.0, 5.0))
+            # A slow consumer: it stops reading while a burst of large events
+            # arrives on one of its topics (its small receive buffer fills,
+            # then the server's send queue: 1013, and it resumes).
+            client = rng.choice(clients)
+            client.pause(rng.uniform(2.0, 5.0))
+            bursts.append(rng.choice(client.topics))
 
 
 def check(
@@ -419,12 +459,17 @@ async def run_chaos(
         acked: list[tuple[str, int, int]] = []
         stop_faults, stop_publisher, stop_clients = anyio.Event(), anyio.Event(), anyio.Event()
         faults_done, publisher_done = anyio.Event(), anyio.Event()
+        bursts: list[str] = []
         async with anyio.create_task_group() as tg:
             for client in chaos_clients:
                 tg.start_soon(client.run, workers, stop_clients)
-            tg.start_soon(publisher, redis_server.url, names, rate, stop_publisher, report, acked, publisher_done)
+            tg.start_soon(
+                publisher, redis_server.url, names, rate, stop_publisher, report, acked, publisher_done, bursts
+            )
             fault_rng = random.Random(rng.random())
-            tg.start_soon(faults, fault_rng, redis_server, workers, chaos_clients, stop_faults, report, faults_done)
+            tg.start_soon(
+                faults, fault_rng, redis_server, workers, chaos_clients, stop_faults, report, faults_done, bursts
+            )
             await anyio.sleep(duration)  # the length of the run
             stop_faults.set()
             stop_publisher.set()
