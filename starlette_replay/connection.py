@@ -3,8 +3,8 @@
 A connection runs two tasks in one task group. The *reader* handles the
 client's frames one at a time, in order (an ``ack`` is stored before the next
 frame is read). The *writer* is the only code that sends on the socket: it
-drains one ordered queue of frames and sends a heartbeat ``ping`` when the
-connection has been idle for ``heartbeat_interval``.
+drains one ordered queue of frames. The Replay's one heartbeat timer queues a
+``ping`` on a connection that has been idle for ``heartbeat_interval``.
 
 Live frames (pushed by the hub, never awaiting) count toward
 ``send_queue_size``; past it the connection is closed with 1013. Replayed
@@ -84,12 +84,14 @@ class Connection:
         self.identity = identity
         self.id = conn_id
         self.limits: Limits = replay.limits
+        self._backlog_at = self.limits.send_queue_size // 2
         self.subs: dict[str, Subscription] = {}
         self._queue: deque[tuple[str, bool]] = deque()
         self.live_queued = 0  # live frames queued or buffered in subscriptions
         self._queued = 0  # frames ever queued
         self._sent = 0  # frames ever sent
-        self._wakeup: anyio.Event | None = None
+        self._wakeup: anyio.Event | None = None  # set while the writer waits for frames
+        self._idle_since = time.monotonic()
         self._progress: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self.close_code: int | None = None
@@ -97,7 +99,7 @@ class Connection:
         self._gone = False
         self._tokens = float(self.limits.frame_burst)
         self._tokens_at = time.monotonic()
-        self._bad_frames: deque[float] = deque()
+        self._bad_frames: deque[float] | None = None  # made on the first bad frame
 
     def __repr__(self) -> str:
         return f"Connection({self.id}, identity={self.identity!r}, topics={len(self.subs)})"
@@ -111,8 +113,12 @@ class Connection:
 
     def count_live(self, n: int) -> None:
         self.live_queued += n
-        if n > 0 and self.live_queued > self.limits.send_queue_size:
-            self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        if n > 0 and self.live_queued > self._backlog_at:
+            # A publisher that never waits (a loop over a MemoryStore) must let
+            # the writers run before a prompt reader looks like a slow one.
+            self.replay.hub.backlogged = True
+            if self.live_queued > self.limits.send_queue_size:
+                self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
         self._queue.append((frame, True))
@@ -198,16 +204,18 @@ class Connection:
         await anyio.sleep_forever()  # raises at once: our scope is cancelled
         raise AssertionError("unreachable")
 
+    def heartbeat(self, now: float, interval: float) -> None:
+        """Queue a ``ping`` if nothing was sent for ``interval`` seconds (called by the Replay's timer)."""
+        if self._wakeup is not None and not self._queue and now - self._idle_since >= interval:
+            self._push(encode_ping())
+
     async def _writer(self) -> None:
         queue = self._queue
-        interval = self.limits.heartbeat_interval
         while True:
             if not queue:
+                self._idle_since = time.monotonic()
                 self._wakeup = wakeup = anyio.Event()
-                with anyio.move_on_after(interval):
-                    await wakeup.wait()
-                if not queue:
-                    await self._send(encode_ping())
+                await wakeup.wait()
                 continue
             frame, live = queue.popleft()
             await self._send(frame)
@@ -276,6 +284,8 @@ class Connection:
         if error.code == ErrorCode.BAD_REQUEST:
             now = time.monotonic()
             window = self._bad_frames
+            if window is None:
+                window = self._bad_frames = deque()
             window.append(now)
             while window and now - window[0] > self.limits.bad_frames_window:
                 window.popleft()

@@ -118,6 +118,9 @@ class Hub:
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self._topics: dict[str, _Topic] = {}
+        # Set by a connection whose live queue is half full: the publisher then
+        # yields once before its next append so that the writers can drain.
+        self.backlogged = False
 
     # --- LiveSink ----------------------------------------------------------------
 

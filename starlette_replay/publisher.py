@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
+import anyio.lowlevel
 
 from .errors import InvalidEvent, NotRunning
 from .events import Event
@@ -76,8 +77,16 @@ class Publisher:
             raise InvalidEvent("idempotency_key must be a string of 1-256 characters")
         if not items:
             return []
-        self._replay._check_running()
-        return await self._replay.store.append(topic, items, idempotency_key=idempotency_key)
+        replay = self._replay
+        replay._check_running()
+        hub = replay.hub
+        if hub.backlogged:
+            # Some live queue is half full: let the writers drain it before adding
+            # more, so that a burst of publishes does not close prompt readers with
+            # 1013. Before the append: cancelling here stores nothing.
+            hub.backlogged = False
+            await anyio.lowlevel.checkpoint()
+        return await replay.store.append(topic, items, idempotency_key=idempotency_key)
 
     def publish_sync(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
         """:meth:`publish` from a thread: a FastAPI ``def`` handler, a worker thread.

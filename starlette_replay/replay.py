@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -171,6 +172,9 @@ class Replay:
             # a task group inside that context must be exited as the innermost scope.
             scope = stack.enter_context(anyio.CancelScope())
             await stack.enter_async_context(self.store.connect(self.hub))
+            heartbeat = await stack.enter_async_context(anyio.create_task_group())
+            heartbeat.start_soon(self._heartbeat)
+            stack.callback(heartbeat.cancel_scope.cancel)  # unwound first: stops the loop
             self._token = anyio.lowlevel.current_token()
             self._loop_thread = threading.get_ident()
             self._scope = scope
@@ -184,6 +188,20 @@ class Replay:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    async def _heartbeat(self) -> None:
+        """Queue a ``ping`` on every connection idle for ``heartbeat_interval``.
+
+        One timer for all connections: a writer waits for frames without a
+        timeout of its own, which keeps the per-frame wake-up cheap. A ping goes
+        out between 1 and 1.25 intervals of silence.
+        """
+        interval = self.limits.heartbeat_interval
+        while True:
+            await anyio.sleep(interval / 4)
+            now = time.monotonic()
+            for connection in self._connections:
+                connection.heartbeat(now, interval)
 
     async def aclose(self) -> None:
         """Close every open connection with 1001, then the store. Safe to call twice.

@@ -41,8 +41,11 @@ class DemoServer:
     while no process runs wait in the backlog.
     """
 
-    def __init__(self, tmp_path: Path, agent_delay: float, heartbeat: float = 25.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    def __init__(
+        self, tmp_path: Path, agent_delay: float, heartbeat: float = 25.0, redis_url: str | None = None
+    ) -> None:
+        self.redis_url = redis_url
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -55,11 +58,13 @@ class DemoServer:
 
     @property
     def log(self) -> Path:
-        return self.tmp_path / f"server-{self.runs}.log"
+        return self.tmp_path / f"server-{self.sock.getsockname()[1]}-{self.runs}.log"
 
     def start(self) -> None:
         self.runs += 1
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        if self.redis_url is not None:
+            env["REDIS_URL"] = self.redis_url
         fd = self.sock.fileno()
         cmd = [sys.executable, "-m", "example_app", "--fd", str(fd)]
         cmd += ["--agent-delay", str(self.agent_delay), "--heartbeat", str(self.heartbeat)]

@@ -1,0 +1,537 @@
+"""Benchmark runner: the baseline and every contender in the same run.
+
+Usage (from the repository root, after ``bench/setup.sh`` for the peers)::
+
+    .venv/bin/python -m bench.run fanout     # delivered events/s, N = 1, 100, 1000 clients
+    .venv/bin/python -m bench.run latency    # open loop: 1000/s to 100 clients, 50/s to 1000
+    .venv/bin/python -m bench.run catchup    # resume after K = 10,000 missed events
+    .venv/bin/python -m bench.run publish    # sequential and 50 concurrent publishers (RedisStore)
+    .venv/bin/python -m bench.run memory     # RSS per idle subscribed connection, 2,000 connections
+    .venv/bin/python -m bench.run all
+
+Options: ``--reps 3`` (medians of that many runs), ``--quick`` (tiny sizes, for
+the smoke test), ``--contenders a,b``. Each server is a uvicorn process of its
+own (uvloop, httptools, ``--ws websockets-sansio``, which is what ``--ws auto``
+picks with websockets installed), started fresh for every measurement on a free
+port of 127.0.0.1; the lean client (``bench/client.py``) runs in another
+process. The runner starts its own redis-server on a free port in a temporary
+directory (``appendonly yes``, ``appendfsync everysec``). Every step has a
+timeout. Results go to ``bench/results/<benchmark>.json`` and a table of
+medians with ratios to the baseline is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SERVERS = BENCH / "servers"
+VENVS = BENCH / ".venvs"
+RESULTS = BENCH / "results"
+MAIN_PYTHON = Path(sys.executable)
+
+__all__ = ["CONTENDERS", "BenchError", "Config", "available", "main", "run_benchmark"]
+
+
+class BenchError(RuntimeError):
+    """A server or client failed."""
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    venv: str | None  # None: the project's venv (this interpreter)
+    app: str
+    kind: str  # the lean client's protocol
+    env: Callable[[str], dict[str, str]] = field(default=lambda redis_url: {})
+
+    @property
+    def python(self) -> Path:
+        return MAIN_PYTHON if self.venv is None else VENVS / self.venv / "bin" / "python"
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.name: c
+    for c in [
+        Contender("bare", None, "bare:app", "plain"),
+        Contender("replay-memory", None, "replay_app:app", "replay", lambda url: {"BENCH_STORE": "memory"}),
+        Contender(
+            "replay-redis",
+            None,
+            "replay_app:app",
+            "replay",
+            lambda url: {"BENCH_STORE": "redis", "BENCH_REDIS_URL": url},
+        ),
+        Contender(
+            "broadcaster-redis",
+            "broadcaster",
+            "broadcaster_app:app",
+            "plain",
+            lambda url: {"BENCH_BROADCAST_URL": url},
+        ),
+        Contender(
+            "broadcaster-stream",
+            "broadcaster",
+            "broadcaster_app:app",
+            "plain",
+            lambda url: {"BENCH_BROADCAST_URL": url.replace("redis://", "redis-stream://", 1)},
+        ),
+        Contender("socketio-redis", "socketio", "socketio_app:app", "socketio", lambda url: {"BENCH_REDIS_URL": url}),
+    ]
+}
+
+
+def available(name: str) -> bool:
+    """Whether a contender can run here (its venv exists; the library's always can)."""
+    contender = CONTENDERS[name]
+    return contender.python.exists()
+
+
+@dataclass
+class Config:
+    quick: bool = False
+    reps: int = 3
+    contenders: list[str] = field(default_factory=lambda: list(CONTENDERS))
+    verbose: bool = True
+    sizes: list[int] = field(default_factory=list)  # fanout: only these client counts (empty: all)
+
+    def log(self, message: str) -> None:
+        if self.verbose:
+            print(message, file=sys.stderr, flush=True)
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A redis-server of our own on a free port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", ""),
+            *("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise BenchError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(process)
+
+
+@dataclass
+class Server:
+    contender: Contender
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws(self, path: str = "/ws") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BenchError("no VmRSS")
+
+    def post(self, path: str, timeout: float = 120.0) -> dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("POST", path)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise BenchError(f"{self.contender.name} POST {path}: {response.status} {body[:300]!r}")
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+
+@contextmanager
+def server(contender: Contender, redis_url: str, workdir: Path) -> Iterator[Server]:
+    """One uvicorn process serving ``contender`` on a free port, stopped afterwards."""
+    port = free_port()
+    log = workdir / f"{contender.name}-{port}.log"
+    env = dict(os.environ)
+    env.update(contender.env(redis_url))
+    env["PYTHONPATH"] = os.pathsep.join([str(SERVERS), str(ROOT)])
+    command = [str(contender.python), "-m", "uvicorn", contender.app, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"]
+    command += ["--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "3"]
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=SERVERS, env=env)
+    srv = Server(contender, port, process, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise BenchError(f"{contender.name} exited at start:\n{log.read_text()[-3000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    break
+                conn.close()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"{contender.name} did not answer /health:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield srv
+    finally:
+        _stop(process)
+
+
+def client(
+    srv: Server, *args: str, timeout: float = 120.0, kind: str | None = None, path: str = "/ws"
+) -> dict[str, Any]:
+    """Run the lean client once against ``srv`` and return its JSON report."""
+    command = [str(MAIN_PYTHON), str(BENCH / "client.py"), "--url", srv.ws(path), "--http", srv.http]
+    command += ["--kind", kind or srv.contender.kind, "--timeout", str(timeout), *args]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=timeout + 30, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"client against {srv.contender.name} did not finish") from exc
+    if done.returncode != 0:
+        raise BenchError(f"client against {srv.contender.name} failed:\n{done.stderr.decode()[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def topic() -> str:
+    return "b-" + uuid.uuid4().hex[:8]
+
+
+def warm_up(srv: Server) -> None:
+    """A few events to a few clients: imports and first-call costs out of the figures."""
+    client(srv, "--clients", "2", "--events", "100", "--topic", topic(), timeout=30)
+
+
+# --- the benchmarks ---------------------------------------------------------------------
+
+
+def _runnable(cfg: Config, names: list[str]) -> list[Contender]:
+    chosen = []
+    for name in names:
+        if name not in cfg.contenders:
+            continue
+        if not available(name):
+            cfg.log(f"  (skipping {name}: its venv is missing, run bench/setup.sh)")
+            continue
+        chosen.append(CONTENDERS[name])
+    return chosen
+
+
+def bench_fanout(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """Delivered events/s: 1 publisher (the trigger), N clients on one topic."""
+    sizes = [(2, 50)] if cfg.quick else [(1, 5_000), (100, 2_000), (1000, 300)]
+    if cfg.sizes:
+        sizes = [size for size in sizes if size[0] in cfg.sizes]
+    rows = []
+    for rep in range(cfg.reps):
+        for clients, events in sizes:
+            for contender in _runnable(cfg, list(CONTENDERS)):
+                with server(contender, redis_url, workdir) as srv:
+                    warm_up(srv)
+                    r = client(srv, "--clients", str(clients), "--events", str(events), "--topic", topic())
+                cfg.log(
+                    f"  fanout rep {rep} N={clients} {contender.name}: {r['rate']:.0f} ev/s "
+                    f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
+                    f"closes {r['closes']})"
+                )
+                rows.append({"contender": contender.name, "rep": rep, "clients": clients, **r})
+    return rows
+
+
+def bench_latency(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """Open loop at fixed rates; publish-to-receive latency, gaps and duplicates."""
+    # The issue's two rates, plus 100/s to 100 clients: below every contender's saturation here.
+    cases = [(3, 200.0, 0.5)] if cfg.quick else [(100, 1000.0, 3.0), (100, 100.0, 3.0), (1000, 50.0, 3.0)]
+    rows = []
+    for rep in range(cfg.reps):
+        for clients, rate, seconds in cases:
+            events = int(rate * seconds)
+            for contender in _runnable(cfg, list(CONTENDERS)):
+                with server(contender, redis_url, workdir) as srv:
+                    warm_up(srv)
+                    r = client(
+                        srv,
+                        *("--clients", str(clients), "--events", str(events), "--rate", str(rate)),
+                        *("--topic", topic(), "--latency"),
+                    )
+                lat = r["latency_ms"]
+                cfg.log(
+                    f"  latency rep {rep} N={clients} {rate:.0f}/s {contender.name}: p50 {lat['p50']:.2f} ms, "
+                    f"p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms, gaps {r['gaps']}, dups {r['duplicates']}, "
+                    f"received {r['received']}/{r['expected']}"
+                )
+                rows.append({"contender": contender.name, "rep": rep, "clients": clients, "target_rate": rate, **r})
+    return rows
+
+
+def bench_catchup(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """A client resumes after K missed events; the raw redis-py loop is the baseline."""
+    k = 200 if cfg.quick else 10_000
+    rows = []
+    for rep in range(cfg.reps):
+        for contender in _runnable(cfg, ["replay-redis", "replay-memory"]):
+            with server(contender, redis_url, workdir) as srv:
+                warm_up(srv)
+                runs = [(contender.name, "replay", "/ws")]
+                if contender.name == "replay-redis":
+                    runs.insert(0, ("raw-redis-loop", "raw", "/raw"))
+                for name, kind, path in runs:
+                    t = topic()
+                    published = srv.post(f"/publish?topic={t}&n={k}")
+                    r = client(
+                        srv,
+                        *("--mode", "catchup", "--events", str(k), "--topic", t),
+                        *("--epoch", published["epoch"], "--after", "0"),
+                        kind=kind,
+                        path=path,
+                    )
+                    cfg.log(
+                        f"  catchup rep {rep} {name}: {r['seconds'] * 1000:.0f} ms, {r['rate']:.0f} ev/s "
+                        f"(received {r['received']}/{k}, gaps {r['gaps']}, dups {r['duplicates']})"
+                    )
+                    rows.append({"contender": name, "rep": rep, **r})
+    return rows
+
+
+def bench_publish(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """Publish rate with RedisStore, sequential and 50 concurrent, against raw redis-py."""
+    n = 100 if cfg.quick else 5_000
+    rows = []
+    for rep in range(cfg.reps):
+        for contender in _runnable(cfg, ["replay-redis"]):
+            with server(contender, redis_url, workdir) as srv:
+                srv.post(f"/publish-bench?topic={topic()}&n={min(n, 500)}&c=1&mode=lib")  # warm-up
+                modes = ["raw-script", "lib", "raw-xadd"]
+                if rep % 2:  # alternate the order: Redis and the machine drift within a run
+                    modes.reverse()
+                for concurrency in (1, 50):
+                    for mode in modes:
+                        r = srv.post(f"/publish-bench?topic={topic()}&n={n}&c={concurrency}&mode={mode}")
+                        name = {"lib": "replay-redis", "raw-script": "raw-redis-script", "raw-xadd": "raw-xadd-publish"}
+                        cfg.log(f"  publish rep {rep} c={concurrency} {name[mode]}: {r['rate']:.0f} ev/s")
+                        rows.append({"contender": name[mode], "rep": rep, "concurrency": concurrency, **r})
+    return rows
+
+
+def bench_memory(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """Resident memory per idle subscribed connection."""
+    count = 20 if cfg.quick else 2_000
+    rows = []
+    for rep in range(cfg.reps):
+        for contender in _runnable(cfg, list(CONTENDERS)):
+            with server(contender, redis_url, workdir) as srv:
+                warm_up(srv)
+                before = srv.rss_kib()
+                t = topic()
+                command = [str(MAIN_PYTHON), str(BENCH / "client.py"), "--url", srv.ws(), "--http", srv.http]
+                command += ["--kind", contender.kind, "--mode", "idle", "--clients", str(count), "--topic", t]
+                holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                try:
+                    assert holder.stdout is not None and holder.stdin is not None
+                    line = _readline(holder, timeout=120)
+                    if not line.startswith(b'{"ready"'):
+                        raise BenchError(f"idle client against {contender.name} failed: {line!r}")
+                    time.sleep(0.5 if cfg.quick else 2.0)  # let the server settle before reading its RSS
+                    after = srv.rss_kib()
+                finally:
+                    if holder.stdin is not None:
+                        holder.stdin.close()
+                    try:
+                        holder.wait(30)
+                    except subprocess.TimeoutExpired:
+                        holder.kill()
+                        holder.wait()
+                    if holder.stdout is not None:
+                        holder.stdout.close()
+            per = (after - before) * 1024 / count
+            cfg.log(f"  memory rep {rep} {contender.name}: {per / 1024:.1f} KiB per connection ({count} connections)")
+            rows.append(
+                {"contender": contender.name, "rep": rep, "connections": count, "rss_before_kib": before}
+                | {"rss_after_kib": after, "bytes_per_connection": per}
+            )
+    return rows
+
+
+def _readline(process: subprocess.Popen[bytes], timeout: float) -> bytes:
+    import selectors
+
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(process.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise BenchError("idle client did not get ready in time")
+    return process.stdout.readline()
+
+
+BENCHMARKS: dict[str, Callable[[Config, str, Path], list[dict[str, Any]]]] = {
+    "fanout": bench_fanout,
+    "latency": bench_latency,
+    "catchup": bench_catchup,
+    "publish": bench_publish,
+    "memory": bench_memory,
+}
+
+# What each benchmark's table compares: (group key, figure, higher is better, baseline).
+TABLES: dict[str, tuple[tuple[str, ...], str, bool, str]] = {
+    "fanout": (("clients",), "rate", True, "bare"),
+    "latency": (("clients", "target_rate"), "p99", False, "bare"),
+    "catchup": ((), "rate", True, "raw-redis-loop"),
+    "publish": (("concurrency",), "rate", True, "raw-redis-script"),
+    "memory": ((), "bytes_per_connection", False, "bare"),
+}
+
+
+def _figure(row: dict[str, Any], name: str) -> float:
+    if name in ("p50", "p99", "max"):
+        return float(row["latency_ms"][name])
+    return float(row[name])
+
+
+def summarize(benchmark: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians per (group, contender) and the ratio to the baseline's median in the same run."""
+    keys, figure, _, baseline = TABLES[benchmark]
+    groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    for row in rows:
+        group = tuple(row[k] for k in keys)
+        groups.setdefault(group, {}).setdefault(row["contender"], []).append(row)
+    table = []
+    for group, by_contender in groups.items():
+        base = by_contender.get(baseline)
+        base_median = statistics.median(_figure(r, figure) for r in base) if base else None
+        for name, runs in by_contender.items():
+            entry: dict[str, Any] = dict(zip(keys, group, strict=True))
+            entry.update(contender=name, runs=len(runs), median=statistics.median(_figure(r, figure) for r in runs))
+            entry["ratio"] = entry["median"] / base_median if base_median else None
+            if benchmark == "latency":
+                for extra in ("p50", "max"):
+                    entry[extra] = statistics.median(_figure(r, extra) for r in runs)
+            if benchmark in ("fanout", "latency", "catchup"):
+                entry["gaps"] = sum(r["gaps"] for r in runs)
+                entry["duplicates"] = sum(r["duplicates"] for r in runs)
+                entry["short"] = sum(r["received"] < r["expected"] for r in runs)
+                entry["closes"] = sum(sum(r["closes"].values()) for r in runs)
+            table.append(entry)
+    return table
+
+
+def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
+    keys, figure, higher, baseline = TABLES[benchmark]
+    print(f"\n## {benchmark}: median {figure} ({'higher' if higher else 'lower'} is better), ratio to {baseline}")
+    for entry in table:
+        group = " ".join(f"{k}={entry[k]}" for k in keys)
+        ratio = "-" if entry["ratio"] is None else f"{entry['ratio']:.2f}x"
+        extra = ""
+        if benchmark == "latency":
+            extra = f"  p50 {entry['p50']:.2f} ms  max {entry['max']:.2f} ms"
+        if "gaps" in entry:
+            extra += f"  gaps {entry['gaps']} dups {entry['duplicates']} short runs {entry['short']}"
+            extra += f" server closes {entry['closes']}"
+        print(f"{group:24} {entry['contender']:20} {entry['median']:>12.2f} {ratio:>7} (n={entry['runs']}){extra}")
+
+
+def run_benchmark(name: str, cfg: Config) -> dict[str, Any]:
+    """Run one benchmark (own redis-server, own servers) and return rows and the summary table."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        with redis_server(workdir) as redis_url:
+            rows = BENCHMARKS[name](cfg, redis_url, workdir)
+    return {
+        "benchmark": name,
+        "quick": cfg.quick,
+        "reps": cfg.reps,
+        "rows": rows,
+        "table": summarize(name, rows),
+        "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "python": sys.version.split()[0]},
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke run")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--clients", default="", help="fanout: only these client counts, e.g. 100,1000")
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server and redis-server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    cfg = Config(quick=args.quick, reps=args.reps, contenders=args.contenders.split(","))
+    cfg.sizes = [int(n) for n in args.clients.split(",") if n]
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        cfg.log(f"# {name}")
+        result = run_benchmark(name, cfg)
+        suffix = "-quick" if cfg.quick else ""
+        (args.out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=1))
+        print_table(name, result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Contenders "replay-memory" and "replay-redis": this library, default options.
+
+``BENCH_STORE`` is ``memory`` or ``redis`` (then ``BENCH_REDIS_URL``). Besides
+the library's own route (``/ws``) and the shared trigger (``POST /publish``),
+this server holds the baselines that need the same Redis data:
+
+- ``POST /publish-bench?topic=T&n=M&c=C&mode=lib|raw-script|raw-xadd``: C
+  concurrent publishers each publish M/C events to T, timed in the server.
+  ``lib`` goes through ``replay.publish``; ``raw-script`` runs the library's own
+  append script with redis-py (EVALSHA, same keys and arguments: the same Redis
+  work without the library); ``raw-xadd`` is a pipelined XADD + PUBLISH.
+- ``WS /raw``: the catch-up baseline: after a first frame
+  ``{"topic": T, "after": N}`` it reads the topic's stream with XRANGE pages of
+  500 and sends each entry as an ``event`` frame, no library involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from _common import TOPIC_EVENT, data_for, drive, query_params
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
+
+STORE = os.environ.get("BENCH_STORE", "memory")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
+PREFIX = "replay"  # the store's default prefix: the raw baselines use the same keys
+
+store = RedisStore.from_url(REDIS_URL) if STORE == "redis" else MemoryStore()
+replay = Replay(store, authorize=allow_all, allowed_origins=["*"])
+raw_client: Any = None
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> Any:
+    global raw_client
+    async with replay:
+        if REDIS_URL:
+            import redis.asyncio
+
+            raw_client = redis.asyncio.Redis.from_url(REDIS_URL)
+        try:
+            yield
+        finally:
+            if raw_client is not None:
+                await raw_client.aclose()
+
+
+async def publish(request: Request) -> JSONResponse:
+    topic, n, rate = query_params(request.query_params)
+
+    async def one(i: int, data: dict[str, Any]) -> None:
+        await replay.publish(topic, TOPIC_EVENT, data)
+
+    result = await drive(one, n, rate)
+    position = await replay.position(topic)
+    result.update(epoch=position.epoch, head=position.head)
+    return JSONResponse(result)
+
+
+def _keys(topic: str) -> list[str]:
+    base = f"{PREFIX}:{{{topic}}}:"
+    return [base + "meta", base + "log", base + "idem", base + "idemz"]
+
+
+async def publish_bench(request: Request) -> JSONResponse:
+    q = request.query_params
+    topic, n, concurrency, mode = q["topic"], int(q["n"]), int(q.get("c", "1")), q.get("mode", "lib")
+    keys = _keys(topic)
+    channel = f"{PREFIX}:{{{topic}}}:live"
+
+    if mode == "lib":
+
+        async def one(i: int) -> None:
+            await replay.publish(topic, TOPIC_EVENT, data_for(i, time.monotonic_ns()))
+
+    elif mode == "raw-script":
+        from starlette_replay.stores.redis import _APPEND  # the library's own script: the same Redis work
+
+        sha = await raw_client.script_load(_APPEND)
+
+        async def one(i: int) -> None:
+            raw = json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
+            await raw_client.evalsha(sha, 4, *keys, secrets.token_hex(8), 10_000, 0, "", channel, 1, TOPIC_EVENT, raw)
+
+    elif mode == "raw-xadd":
+
+        async def one(i: int) -> None:
+            raw = json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
+            pipe = raw_client.pipeline(transaction=False)
+            pipe.xadd(keys[1], {"t": TOPIC_EVENT, "d": raw}, maxlen=10_000, approximate=False)
+            pipe.publish(channel, raw)
+            await pipe.execute()
+
+    else:
+        return JSONResponse({"error": f"unknown mode {mode!r}"}, status_code=400)
+
+    per_task = n // concurrency
+
+    async def worker(w: int) -> None:
+        for j in range(per_task):
+            await one(w * per_task + j)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    seconds = time.perf_counter() - start
+    total = per_task * concurrency
+    return JSONResponse({"n": total, "c": concurrency, "mode": mode, "seconds": seconds, "rate": total / seconds})
+
+
+async def raw_catchup(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        request = json.loads(await websocket.receive_text())
+        topic, after = request["topic"], int(request.get("after", 0))
+        log = _keys(topic)[1]
+        start = f"{after + 1}-0"
+        while True:
+            entries = await raw_client.xrange(log, min=start, max="+", count=500)
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                offset = int(entry_id.split(b"-", 1)[0])
+                frame = (
+                    f'{{"type":"event","topic":"{topic}","offset":{offset},"event":"{fields[b"t"].decode()}",'
+                    f'"data":{fields[b"d"].decode()},"time":{fields[b"ms"].decode()}}}'
+                )
+                await websocket.send_text(frame)
+            start = f"({entry_id.decode()}"
+        await websocket.receive_text()  # the client closes when it has everything
+    except WebSocketDisconnect:
+        pass
+
+
+async def health(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+app = Starlette(
+    routes=[
+        replay.route("/ws"),
+        WebSocketRoute("/raw", raw_catchup),
+        Route("/publish", publish, methods=["POST"]),
+        Route("/publish-bench", publish_bench, methods=["POST"]),
+        Route("/health", health),
+    ],
+    lifespan=lifespan,
+)

@@ -1,0 +1,96 @@
+"""Smoke runs of the benchmarks (bench/) at tiny sizes, to keep them from rotting.
+
+No timed assertions: each benchmark must run to the end and report a sane
+structure (every contender measured, every event delivered, no gap or duplicate
+for this library, a ratio to the baseline). The library's contenders and the
+bare baseline always run; a peer (broadcaster, python-socketio) is skipped only
+when its venv from ``bench/setup.sh`` is absent.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from typing import Any
+
+import pytest
+
+from bench.run import CONTENDERS, Config, available, run_benchmark
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+OURS = ["bare", "replay-memory", "replay-redis"]
+PEERS = [name for name in CONTENDERS if name not in OURS]
+
+
+def quick(name: str, contenders: list[str]) -> dict[str, Any]:
+    return run_benchmark(name, Config(quick=True, reps=1, contenders=contenders, verbose=False))
+
+
+def check_delivery(result: dict[str, Any], contenders: list[str]) -> None:
+    rows = result["rows"]
+    assert {row["contender"] for row in rows} == set(contenders)
+    for row in rows:
+        assert row["received"] == row["expected"] > 0, row
+        assert row["rate"] > 0 and math.isfinite(row["seconds"]), row
+        assert not row["timed_out"], row
+        if row["contender"].startswith("replay"):
+            assert (row["gaps"], row["duplicates"], row["closes"]) == (0, 0, {}), row
+
+
+def check_ratios(result: dict[str, Any], baseline: str) -> None:
+    table = result["table"]
+    assert table, result
+    for entry in table:
+        assert entry["median"] > 0 and entry["ratio"] is not None and entry["ratio"] > 0, entry
+        if entry["contender"] == baseline:
+            assert entry["ratio"] == 1.0
+
+
+def test_fanout() -> None:
+    result = quick("fanout", OURS)
+    check_delivery(result, OURS)
+    check_ratios(result, "bare")
+
+
+def test_latency() -> None:
+    result = quick("latency", OURS)
+    check_delivery(result, OURS)
+    check_ratios(result, "bare")
+    for row in result["rows"]:
+        latency = row["latency_ms"]
+        assert latency["samples"] == row["expected"]
+        assert 0 <= latency["p50"] <= latency["p99"] <= latency["max"], row
+
+
+def test_catchup() -> None:
+    result = quick("catchup", OURS)
+    assert {row["contender"] for row in result["rows"]} == {"raw-redis-loop", "replay-redis", "replay-memory"}
+    for row in result["rows"]:
+        assert row["received"] == row["expected"] and (row["gaps"], row["duplicates"]) == (0, 0), row
+    check_ratios(result, "raw-redis-loop")
+
+
+def test_publish() -> None:
+    result = quick("publish", OURS)
+    assert {(row["contender"], row["concurrency"]) for row in result["rows"]} == {
+        (name, c) for name in ("replay-redis", "raw-redis-script", "raw-xadd-publish") for c in (1, 50)
+    }
+    assert all(row["n"] > 0 and row["rate"] > 0 for row in result["rows"])
+    check_ratios(result, "raw-redis-script")
+
+
+def test_memory() -> None:
+    result = quick("memory", ["bare", "replay-memory"])
+    assert {row["contender"] for row in result["rows"]} == {"bare", "replay-memory"}
+    for row in result["rows"]:
+        assert row["connections"] == 20 and row["rss_after_kib"] > 0, row
+    assert {entry["contender"] for entry in result["table"]} == {"bare", "replay-memory"}
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_fanout(peer: str) -> None:
+    if not available(peer):
+        pytest.skip(f"{peer}: its venv is absent (run bench/setup.sh)")
+    result = quick("fanout", [peer])
+    check_delivery(result, [peer])
