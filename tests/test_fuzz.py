@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -53,7 +54,7 @@ from starlette_replay import Cursor, MemoryStore, Replay
 from starlette_replay.protocol import Ack, parse_client_frame, parse_server_frame
 
 FUZZ_FRAMES_MIN = 10_000
-EXAMPLES = 420  # about 26 frames an example on average: > 10,000 frames
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "420"))  # ~28 frames an example: > 10,000 frames
 TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 65536
 REPLY_TYPES = {"error", "subscribed", "unsubscribed", "pong"}
