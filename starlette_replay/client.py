@@ -499,6 +499,15 @@ def _status_retryable(status: int) -> bool:
     return status >= 500 or status in _RETRY_STATUS or status < 400
 
 
+def _redacted(url: str) -> str:
+    """``url`` fit for logs and messages: no query string or password (either may hold a token)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username is not None:
+        netloc = f"{parts.username}:***@{netloc}" if parts.password is not None else f"{parts.username}@{netloc}"
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?..." if parts.query else "")
+
+
 class ReplayClient:
     """A resilient subscriber to a starlette_replay route (protocol ``replay.v1``).
 
@@ -639,7 +648,7 @@ class ReplayClient:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._session else "disconnected"
-        return f"ReplayClient({self.url!r}, {state}, topics={sorted(self._topics)})"
+        return f"ReplayClient({_redacted(self.url)!r}, {state}, topics={sorted(self._topics)})"
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -1043,14 +1052,16 @@ class ReplayClient:
             logger.info("[client#%d] handshake failed with HTTP %d", number, status)
             return _Outcome(healthy=False)
         except (InvalidURI, InvalidProxy) as exc:
-            return _Outcome(healthy=False, stop=ClientStopped(f"cannot connect to {self.url!r}: {exc}"))
+            # Not the exception's text: it may quote the URL, token and all.
+            message = f"cannot connect to {_redacted(self.url)!r}: {type(exc).__name__}"
+            return _Outcome(healthy=False, stop=ClientStopped(message))
         except (OSError, TimeoutError, WebSocketException) as exc:
             logger.info("[client#%d] cannot connect: %r", number, exc)
             return _Outcome(healthy=False)
         if ws.subprotocol != SUBPROTOCOL:
             logger.warning("[client#%d] the server did not accept subprotocol %s", number, SUBPROTOCOL)
         self.connections += 1
-        logger.info("[client#%d] connected to %s", number, self.url)
+        logger.info("[client#%d] connected to %s", number, _redacted(self.url))
         session: _Session | None = None
         try:
             async with anyio.create_task_group() as tg:

@@ -116,10 +116,24 @@ async def serve(replay: Replay, websocket: WebSocket) -> None:
         )
         await _deny(websocket, 503, "not running")
         return
-    offered = websocket.scope.get("subprotocols") or []
-    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    if replay._identity_full(identity):
+        # 403, not accept + 1008: the protocol refuses handshakes with 403, no
+        # socket is spent, and a client stops on both (retrying cannot help
+        # until the identity closes a connection).
+        logger.info(
+            "[%s] handshake refused: the identity holds %s connections (max_connections_per_identity)",
+            conn_id,
+            replay.max_connections_per_identity,
+        )
+        await _deny(websocket, 403, "too many connections")
+        return
     connection = Connection(replay, websocket, identity, conn_id)
-    logger.debug("[%s] connected (identity=%r)", conn_id, identity)
-    with replay._track(connection):
-        await connection.run()
+    # Counted for its identity from before accept(), with no await since the
+    # check above: the limit has no race, and revoke() reaches handshakes in progress.
+    with replay._reserve(connection):
+        offered = websocket.scope.get("subprotocols") or []
+        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        logger.debug("[%s] connected (identity=%r)", conn_id, identity)
+        with replay._track(connection):
+            await connection.run()
     logger.debug("[%s] closed (%s)", conn_id, connection.close_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -89,6 +90,7 @@ class Replay:
         max_frame_rate: float = 100.0,
         frame_burst: int = 200,
         close_timeout: float = 5.0,
+        max_connections_per_identity: int | None = None,
     ) -> None:
         for name, value in (
             ("send_queue_size", send_queue_size),
@@ -116,6 +118,9 @@ class Replay:
         self.identify = identify
         self.allowed_origins = None if allowed_origins is None else [o.rstrip("/") for o in allowed_origins]
         self.max_event_size = max_event_size
+        if max_connections_per_identity is not None:
+            _positive("max_connections_per_identity", max_connections_per_identity)
+        self.max_connections_per_identity = max_connections_per_identity
         self.limits = Limits(
             send_queue_size=send_queue_size,
             max_message_size=max_message_size,
@@ -131,6 +136,8 @@ class Replay:
         self.hub = Hub(self.store)
         self._publisher = Publisher(self)
         self._connections: set[Connection] = set()
+        self._per_identity: dict[str, set[Connection]] = {}
+        self._close_waiters: dict[Connection, anyio.Event] = {}
         self._all_closed: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
         self._scope: anyio.CancelScope | None = None
@@ -229,6 +236,30 @@ class Replay:
         async with self:
             yield
 
+    def _identity_full(self, identity: str | None) -> bool:
+        """True when ``identity`` already holds ``max_connections_per_identity`` connections."""
+        limit = self.max_connections_per_identity
+        return identity is not None and limit is not None and len(self._per_identity.get(identity, ())) >= limit
+
+    @contextmanager
+    def _reserve(self, connection: Connection) -> Iterator[None]:
+        """Count ``connection`` against its identity from before ``accept()`` until it is closed."""
+        identity = connection.identity
+        if identity is not None:
+            self._per_identity.setdefault(identity, set()).add(connection)
+        try:
+            yield
+        finally:
+            if identity is not None:
+                held = self._per_identity.get(identity)
+                if held is not None:
+                    held.discard(connection)
+                    if not held:
+                        del self._per_identity[identity]
+            waiter = self._close_waiters.pop(connection, None)
+            if waiter is not None:
+                waiter.set()
+
     @contextmanager
     def _track(self, connection: Connection) -> Iterator[None]:
         self._connections.add(connection)
@@ -314,6 +345,74 @@ class Replay:
         check_topic(topic)
         self._check_running()
         return await self.store.position(topic)
+
+    async def revoke(self, identity: str, *, reason: str = "identity revoked") -> int:
+        """Close every connection of ``identity`` in this process with 1008 (policy violation).
+
+        For a signed-out user, a deleted account, a leaked token: first make the
+        app's ``identify`` hook refuse the credentials (else the client's next
+        handshake is accepted again), then call ``revoke``. Per the protocol a
+        client stops on 1008 and does not reconnect by itself. Handshakes of that
+        identity still in progress (accepted after this call started) are closed
+        too. Only this process's connections: with several workers, call it in
+        each (e.g. from a message your app broadcasts).
+
+        Returns the number of connections closed, once they are closed (waiting
+        at most ``close_timeout`` + 1 s for their close handshakes). Never raises.
+        Cancelling is safe: the connections are already being closed; only the
+        wait stops.
+        """
+        targets = list(self._per_identity.get(identity, ()))
+        if not targets:
+            return 0
+        logger.info("revoking %d connections of an identity: %s", len(targets), reason)
+        waiters = [self._close_waiters.setdefault(connection, anyio.Event()) for connection in targets]
+        for connection in targets:
+            connection.abort(CloseCode.POLICY_VIOLATION, reason)
+        with anyio.move_on_after(self.limits.close_timeout + 1):
+            for waiter in waiters:
+                await waiter.wait()
+        return len(targets)
+
+    async def recheck(
+        self,
+        check: Callable[[WebSocket, str | None], bool | Awaitable[bool]],
+        *,
+        reason: str = "identity no longer valid",
+    ) -> int:
+        """Re-check every connection of this process; close those that fail with 1008.
+
+        ``check(websocket, identity)`` gets each connection's handshake
+        ``WebSocket`` (its headers, cookies, subprotocols, ``state``) and the
+        identity ``identify`` returned; return False (or raise) to close it. Call
+        it periodically from the app (e.g. a task in its lifespan) to expire
+        tokens or sessions that were valid at the handshake. Connections are
+        checked one after the other; a check that raises is logged and counts
+        as False.
+
+        Returns the number of connections closed, once they are closed (at most
+        ``close_timeout`` + 1 s of waiting). Cancelling is safe: connections
+        already found invalid are being closed; the others stay open.
+        """
+        failed: list[Connection] = []
+        for connection in list(self._connections):
+            try:
+                result = check(connection.websocket, connection.identity)
+                if inspect.isawaitable(result):
+                    result = await result
+                valid = result is True
+            except Exception:
+                logger.exception("[%s] recheck() raised; closing the connection", connection.id)
+                valid = False
+            if not valid and connection in self._connections:
+                failed.append(connection)
+                self._close_waiters.setdefault(connection, anyio.Event())
+                connection.abort(CloseCode.POLICY_VIOLATION, reason)
+        waiters = [self._close_waiters[c] for c in failed if c in self._close_waiters]
+        with anyio.move_on_after(self.limits.close_timeout + 1):
+            for waiter in waiters:
+                await waiter.wait()
+        return len(failed)
 
     async def snapshot(self, topic: str, *, limit: int = 1000) -> Snapshot:
         """The newest retained events of ``topic`` (at most ``limit``) and the cursor right after them.
