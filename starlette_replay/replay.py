@@ -119,7 +119,7 @@ class Replay:
         self.allowed_origins = None if allowed_origins is None else [o.rstrip("/") for o in allowed_origins]
         self.max_event_size = max_event_size
         if max_connections_per_identity is not None:
-            _positive("max_connections_per_identity", max_connections_per_identity)
+            check_int("max_connections_per_identity", max_connections_per_identity)
         self.max_connections_per_identity = max_connections_per_identity
         self.limits = Limits(
             send_queue_size=send_queue_size,
