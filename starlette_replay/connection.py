@@ -14,6 +14,7 @@ them, so they are paced by the socket and need no bound of their own.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
+import anyio.lowlevel
 from starlette.websockets import WebSocket
 
 from .errors import StoreUnavailable
@@ -53,6 +55,15 @@ logger = logging.getLogger("starlette_replay.connection")
 
 # Replies the reader may have queued before it waits for the writer.
 _REPLY_BACKLOG = 32
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when anyio runs on asyncio, else None (trio, or an anyio too old to tell)."""
+    try:
+        loop = anyio.lowlevel.current_token().native_token
+    except Exception:
+        return None
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
 
 
 def _not_subscribed(frame: Ack | Unsubscribe) -> FrameError:
@@ -90,7 +101,9 @@ class Connection:
         self.live_queued = 0  # live frames queued or buffered in subscriptions
         self._queued = 0  # frames ever queued
         self._sent = 0  # frames ever sent
-        self._wakeup: anyio.Event | None = None  # set while the writer waits for frames
+        # Set while the writer waits for frames: a bare future on asyncio (cheaper than
+        # an anyio.Event, whose creation and wait look the backend up every time).
+        self._wakeup: asyncio.Future[None] | anyio.Event | None = None
         self._idle_since = time.monotonic()
         self._progress: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
@@ -133,9 +146,13 @@ class Connection:
         return self._queued
 
     def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        wakeup = self._wakeup
+        if wakeup is not None:
             self._wakeup = None
+            if isinstance(wakeup, anyio.Event):
+                wakeup.set()
+            elif not wakeup.done():  # a future the cancelled writer left behind is done
+                wakeup.set_result(None)
 
     async def _drained(self, seq: int) -> None:
         """Wait until the writer has sent the frame numbered ``seq``."""
@@ -165,13 +182,13 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection until the client leaves or it is aborted. Never raises."""
         try:
-            with anyio.CancelScope() as self._scope:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope  # cancels the reader and the writer
                 if self.close_code is not None:
                     self._scope.cancel()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._writer)
-                    await self._reader()
-                    tg.cancel_scope.cancel()
+                tg.start_soon(self._writer)
+                await self._reader()
+                tg.cancel_scope.cancel()
         except Exception:
             logger.exception("[%s] unexpected error", self.id)
             self.abort(CloseCode.INTERNAL_ERROR, "internal error")
@@ -211,11 +228,16 @@ class Connection:
 
     async def _writer(self) -> None:
         queue = self._queue
+        loop = _asyncio_loop()
         while True:
             if not queue:
                 self._idle_since = time.monotonic()
-                self._wakeup = wakeup = anyio.Event()
-                await wakeup.wait()
+                if loop is not None:
+                    self._wakeup = future = loop.create_future()
+                    await future
+                else:
+                    self._wakeup = event = anyio.Event()
+                    await event.wait()
                 continue
             frame, live = queue.popleft()
             await self._send(frame)
