@@ -44,3 +44,26 @@ async def test_idle_writer_wakes_for_every_frame(fast_path: bool, monkeypatch: p
             [conn] = list(replay._connections)
             conn.abort(CloseCode.TRY_AGAIN_LATER, "test")
             assert await client.closed() == CloseCode.TRY_AGAIN_LATER
+
+
+async def test_long_replay_through_a_queue_that_never_empties() -> None:
+    # 1,200 replayed events: pages of 500 keep the send queue from emptying, so the
+    # writer drops sent frames from its front (every 256) while it goes on.
+    total = 1200
+    replay = Replay(MemoryStore(), authorize=allow_all, replay_page_size=500)
+    async with running(make_app(replay)) as app, connect(app) as client:
+        with anyio.fail_after(20):
+            for i in range(total):
+                await replay.publish("t", "tick", {"i": i})
+            reply = await client.subscribe("t", rewind=total)
+            assert reply["replayed"] == total
+            events = await client.events(total, within=20)
+            assert [e["offset"] for e in events] == list(range(1, total + 1))
+            assert [e["data"]["i"] for e in events] == list(range(total))
+            await replay.publish("t", "tick", {"i": total})
+            [live] = await client.events(1)
+            assert live["offset"] == total + 1
+            await client.nothing_pending()
+            [conn] = list(replay._connections)
+            assert conn.queued == 0
+            assert len(conn._queue) <= 1  # emptied once the writer caught up (the pong may be in flight)
