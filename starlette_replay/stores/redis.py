@@ -573,8 +573,8 @@ class RedisStore:
         Cancelling is safe: an append still queued is dropped (not stored); one
         already sent may be stored or not, as with a lost connection. Cancelling
         never affects other appends coalesced with it: a call already sending a
-        batch finishes it (within ``publish_timeout``) before the cancellation
-        takes effect.
+        batch shared with others finishes it (within ``publish_timeout``) before
+        the cancellation takes effect, and may then return its stored events.
         """
         if not items:
             return []
