@@ -172,7 +172,8 @@ async def test_redis_down_during_a_batch_fails_every_waiter_within_publish_timeo
                 server.start()
         assert len(outcomes) == 25
         assert {kind for kind, _ in outcomes.values()} == {"unavailable"}
-        assert max(elapsed for _, elapsed in outcomes.values()) < timeout + 0.75
+        # generous margin over the 1 s bound: CI machines are loaded
+        assert max(elapsed for _, elapsed in outcomes.values()) < timeout + 1.5
 
         # back up: the store works again and the log is consistent (whatever the lost calls did)
         with anyio.fail_after(10):
