@@ -104,6 +104,77 @@ redis.call('PUBLISH', ARGV[5], table.concat(parts))
 return {'new', epoch, first, ms}
 """
 
+# Several appends to one topic in one step (concurrent publishes coalesced), each
+# with its own idempotency key. KEYS: meta, log, idem, idemz.
+# ARGV: new epoch, history_size, ttl ms, channel, nseg, then per segment: key ('' none), n, type1, raw1, ...
+# Returns {epoch, ms, r1, r2, ...}: r is the segment's first offset, or {entries} for a known key.
+_APPEND_BATCH = """
+local meta, log, idem, idemz = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  redis.call('DEL', log, idem, idemz)
+  epoch = ARGV[1]
+  redis.call('HSET', meta, 'epoch', epoch, 'head', 0)
+end
+local now = redis.call('TIME')
+local ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+local start = tonumber(redis.call('HGET', meta, 'head'))
+local head = start
+local out = {epoch, ms}
+local parts = {}
+local keyed = false
+local pos = 6
+for s = 1, tonumber(ARGV[5]) do
+  local key, n = ARGV[pos], tonumber(ARGV[pos + 1])
+  local seen = false
+  if key ~= '' then
+    keyed = true
+    seen = redis.call('HGET', idem, key)
+  end
+  if seen then
+    local a, b = string.match(seen, '^(%d+):(%d+)$')
+    out[#out + 1] = redis.call('XRANGE', log, a, b)
+  else
+    -- XADD before the head moves (see _APPEND): only the first XADD can fail
+    for i = 1, n do
+      local etype, raw = ARGV[pos + 2 * i], ARGV[pos + 1 + 2 * i]
+      redis.call('XADD', log, (head + i) .. '-0', 't', etype, 'd', raw, 'ms', ms)
+      parts[#parts + 1] = #etype .. ':' .. etype .. #raw .. ':' .. raw
+    end
+    if key ~= '' then
+      redis.call('HSET', idem, key, (head + 1) .. ':' .. (head + n))
+      redis.call('ZADD', idemz, head + 1, key)
+    end
+    out[#out + 1] = head + 1
+    head = head + n
+  end
+  pos = pos + 2 + 2 * n
+end
+if head == start then return out end
+redis.call('HSET', meta, 'head', head)
+redis.call('XTRIM', log, 'MAXLEN', ARGV[2])
+if keyed or redis.call('EXISTS', idemz) == 1 then
+  local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+  local oldest = head + 1
+  if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+  while true do
+    local stale = redis.call('ZRANGEBYSCORE', idemz, '-inf', '(' .. oldest, 'LIMIT', 0, 500)
+    if #stale == 0 then break end
+    redis.call('HDEL', idem, unpack(stale))
+    redis.call('ZREM', idemz, unpack(stale))
+  end
+end
+if ARGV[3] ~= '0' then
+  redis.call('PEXPIRE', meta, ARGV[3])
+  redis.call('PEXPIRE', log, ARGV[3])
+  redis.call('PEXPIRE', idem, ARGV[3])
+  redis.call('PEXPIRE', idemz, ARGV[3])
+end
+local header = epoch .. '|' .. (start + 1) .. '|' .. ms .. '|' .. (head - start) .. '|'
+redis.call('PUBLISH', ARGV[4], header .. table.concat(parts))
+return out
+"""
+
 # KEYS: meta, log, idem, idemz
 # ARGV: epoch to create when missing ('' to create nothing), ttl ms, first offset to read, limit
 _STATE = """
@@ -171,6 +242,7 @@ class _Script:
 
 
 _APPEND_SCRIPT = _Script(_APPEND)
+_APPEND_BATCH_SCRIPT = _Script(_APPEND_BATCH)
 _STATE_SCRIPT = _Script(_STATE)
 _CURSOR_SCRIPT = _Script(_SAVE_CURSOR)
 _TOUCH_SCRIPT = _Script(_TOUCH)
@@ -241,6 +313,35 @@ def _parse_payload(topic: str, payload: bytes) -> list[Event]:
     return events
 
 
+_BATCH_EVENTS = 1000  # events per coalesced script call at most (an append is never split)
+
+
+class _Append:
+    """One waiting append: what to store, and (once settled) its events or its error."""
+
+    __slots__ = ("batch", "deadline", "error", "events", "items", "key", "topic", "wake")
+
+    def __init__(self, topic: str, items: Sequence[tuple[str, str]], key: str | None, deadline: float) -> None:
+        self.topic = topic
+        self.items = items
+        self.key = key
+        self.deadline = deadline
+        self.wake: anyio.Event | None = None  # set when settled, or when handed a batch to send
+        self.batch: list[_Append] | None = None  # the batch it was taken into
+        self.events: list[Event] | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> list[Event]:
+        if self.events is not None:
+            return self.events
+        error = self.error
+        if isinstance(error, StoreUnavailable):
+            raise StoreUnavailable(str(error)) from error
+        if isinstance(error, StoreError):
+            raise StoreError(str(error)) from error
+        raise StoreError(f"Redis append failed: {error!r}") from error
+
+
 class RedisStore:
     """An event store on Redis (5.0+; Streams), shared by every process of an app.
 
@@ -305,6 +406,7 @@ class RedisStore:
         self._conn: AbstractConnection | None = None  # the pub/sub connection, when up
         self._expect: dict[str, deque[bool]] = {}  # channel -> confirmations due (True: subscribe)
         self._closed = False
+        self._queues: dict[str, deque[_Append]] = {}  # topic -> appends waiting while one call is in flight
         #: times the listener (re)connected, and resets it had to call; for tests and metrics
         self.reconnects = 0
         self.resets = 0
@@ -376,11 +478,12 @@ class RedisStore:
 
     # --- commands --------------------------------------------------------------------
 
-    async def _execute(self, *args: Any, retry: bool = True) -> Any:
+    async def _execute(self, *args: Any, retry: bool = True, deadline: float | None = None) -> Any:
         """Run one command on a pooled connection, within ``publish_timeout``.
 
         Retries when the command cannot have reached Redis (no connection), and
         also after a send when ``retry`` says the command is safe to run twice.
+        ``deadline`` (``anyio.current_time()`` clock) replaces ``publish_timeout`` from now.
         """
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -390,7 +493,7 @@ class RedisStore:
         attempt = 0
         last_error: BaseException | None = None
         try:
-            with anyio.fail_after(self.publish_timeout):
+            with anyio.fail_after(self.publish_timeout) if deadline is None else anyio.fail_at(deadline):
                 while True:
                     attempt += 1
                     try:
@@ -429,14 +532,22 @@ class RedisStore:
         except RedisError as exc:
             raise StoreError(f"Redis failed: {exc}") from exc
 
-    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any], *, retry: bool = True) -> Any:
+    async def _eval(
+        self,
+        script: _Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        retry: bool = True,
+        deadline: float | None = None,
+    ) -> Any:
         from redis.exceptions import NoScriptError
 
         try:
-            return await self._execute("EVALSHA", script.sha, len(keys), *keys, *args, retry=retry)
+            return await self._execute("EVALSHA", script.sha, len(keys), *keys, *args, retry=retry, deadline=deadline)
         except NoScriptError:
             # not run: safe to send the body (it is cached for the next EVALSHA)
-            return await self._execute("EVAL", script.body, len(keys), *keys, *args, retry=retry)
+            return await self._execute("EVAL", script.body, len(keys), *keys, *args, retry=retry, deadline=deadline)
 
     # --- the log ---------------------------------------------------------------------
 
@@ -449,13 +560,127 @@ class RedisStore:
     ) -> list[Event]:
         """Store ``items`` atomically (one script) and publish them live.
 
-        Returns the stored events (the first ones for a known ``idempotency_key``).
-        Raises ``StoreUnavailable`` within ``publish_timeout`` when Redis does not
-        confirm: the events may then be stored or not; a retry with an
-        ``idempotency_key`` is safe. Cancelling is safe in the same sense.
+        Returns the stored events (the first ones for a known ``idempotency_key``),
+        once Redis has them. Concurrent appends to one topic are coalesced: while
+        one script call for the topic is in flight, later appends queue, and the
+        next call stores all of them in arrival order in one script (each append
+        stays contiguous and atomic, each keeps its own idempotency key and gets
+        its own events). Raises ``StoreUnavailable`` within ``publish_timeout``
+        when Redis does not confirm: the events may then be stored or not; a retry
+        with an ``idempotency_key`` is safe. An append that raises having never
+        been sent says so ("not stored").
+
+        Cancelling is safe: an append still queued is dropped (not stored); one
+        already sent may be stored or not, as with a lost connection. Cancelling
+        never affects other appends coalesced with it: a call already sending a
+        batch shared with others finishes it (within ``publish_timeout``) before
+        the cancellation takes effect, and may then return its stored events.
         """
         if not items:
             return []
+        request = _Append(topic, items, idempotency_key, anyio.current_time() + self.publish_timeout)
+        queue = self._queues.get(topic)
+        if queue is None:
+            self._queues[topic] = deque()  # this call is the topic's sender now
+            batch = [request]
+        else:
+            queue.append(request)
+            request.wake = anyio.Event()
+            try:
+                # a safety net: the call in flight ends by its own (earlier) deadline, then hands over
+                with anyio.fail_after(2 * self.publish_timeout + 1):
+                    await request.wake.wait()
+            except BaseException as exc:
+                if request.batch is None:
+                    queue.remove(request)  # never sent: nothing stored
+                    if isinstance(exc, TimeoutError):
+                        raise StoreUnavailable(f"not stored: no turn to append to {topic!r} in time") from exc
+                elif request.batch[0] is request and request.events is None and request.error is None:
+                    # handed the next batch as the wait ended: send it for the others
+                    with anyio.CancelScope(shield=True):
+                        await self._send_batch(topic, request.batch)
+                    if isinstance(exc, TimeoutError):
+                        return request.result()
+                elif isinstance(exc, TimeoutError):
+                    raise StoreUnavailable(f"Redis did not confirm an append to {topic!r} in time") from exc
+                raise
+            if request.batch is None or request.batch[0] is not request:
+                return request.result()  # settled by another call
+            batch = request.batch
+        await self._send_batch(topic, batch)
+        return request.result()
+
+    async def _send_batch(self, topic: str, batch: list[_Append]) -> None:
+        """Store ``batch`` (one script call), settle each of its appends, hand the queue on.
+
+        Shielded when others share the batch: a cancelled caller finishes it (within
+        the first append's deadline); its cancellation takes effect afterwards.
+        """
+        try:
+            with anyio.CancelScope(shield=len(batch) > 1):
+                try:
+                    await self._store_batch(topic, batch)
+                except Exception as exc:
+                    for request in batch:
+                        if request.events is None and request.error is None:
+                            request.error = exc
+        finally:
+            for request in batch:
+                if request.events is None and request.error is None:  # only if the code above is wrong
+                    request.error = StoreError("the append was interrupted")
+                if request.wake is not None:
+                    request.wake.set()
+            queue = self._queues.get(topic)
+            if queue:
+                taken: list[_Append] = []
+                size = 0
+                while queue and (not taken or size + len(queue[0].items) <= _BATCH_EVENTS):
+                    request = queue.popleft()
+                    taken.append(request)
+                    size += len(request.items)
+                taken[0].batch = taken
+                for request in taken[1:]:
+                    request.batch = taken
+                assert taken[0].wake is not None
+                taken[0].wake.set()  # the first queued append sends the next batch
+            elif queue is not None:
+                del self._queues[topic]
+
+    async def _store_batch(self, topic: str, batch: list[_Append]) -> None:
+        deadline = batch[0].deadline  # the earliest: appends queue in order
+        if len(batch) == 1:
+            request = batch[0]
+            request.events = await self._append_one(topic, request.items, request.key, deadline)
+            return
+        if anyio.current_time() >= deadline:
+            raise StoreUnavailable(
+                f"not stored: waited publish_timeout={self.publish_timeout}s behind other appends to {topic!r}"
+            )
+        args: list[Any] = [_new_epoch(), self.history_size, self._ttl_ms, self._channel(topic), len(batch)]
+        for request in batch:
+            args.append(request.key or "")
+            args.append(len(request.items))
+            for event_type, raw in request.items:
+                args.append(event_type)
+                args.append(raw)
+        # A retry after the script was sent could store unkeyed events twice: only
+        # a batch whose appends all have idempotency keys is retried.
+        retry = all(request.key is not None for request in batch)
+        reply = await self._eval(_APPEND_BATCH_SCRIPT, self._keys(topic), args, retry=retry, deadline=deadline)
+        epoch, ms = _text(reply[0]), _int(reply[1])
+        for request, result in zip(batch, reply[2:], strict=True):
+            if isinstance(result, list):
+                request.events = _parse_entries(topic, epoch, result)
+            else:
+                first = int(result)
+                request.events = [
+                    Event(topic, epoch, first + i, event_type, raw, ms)
+                    for i, (event_type, raw) in enumerate(request.items)
+                ]
+
+    async def _append_one(
+        self, topic: str, items: Sequence[tuple[str, str]], idempotency_key: str | None, deadline: float
+    ) -> list[Event]:
         args: list[Any] = [
             _new_epoch(),
             self.history_size,
@@ -469,7 +694,9 @@ class RedisStore:
             args.append(raw)
         # A retry after the script was sent could store the events twice: only
         # an idempotency key makes that safe.
-        reply = await self._eval(_APPEND_SCRIPT, self._keys(topic), args, retry=idempotency_key is not None)
+        reply = await self._eval(
+            _APPEND_SCRIPT, self._keys(topic), args, retry=idempotency_key is not None, deadline=deadline
+        )
         kind = _text(reply[0])
         epoch = _text(reply[1])
         if kind == "dup":
