@@ -86,13 +86,15 @@ async def publish_bench(request: Request) -> JSONResponse:
             await replay.publish(topic, TOPIC_EVENT, data_for(i, time.monotonic_ns()))
 
     elif mode == "raw-script":
-        from starlette_replay.stores.redis import _APPEND  # the library's own script: the same Redis work
+        from starlette_replay.stores.redis import _APPEND_BATCH  # the library's own script: the same Redis work
 
-        sha = await raw_client.script_load(_APPEND)
+        sha = await raw_client.script_load(_APPEND_BATCH)
 
         async def one(i: int) -> None:
             raw = json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
-            await raw_client.evalsha(sha, 4, *keys, secrets.token_hex(8), 10_000, 0, "", channel, 1, TOPIC_EVENT, raw)
+            epoch = secrets.token_hex(8)
+            # one segment: no idempotency key, one event
+            await raw_client.evalsha(sha, 4, *keys, epoch, 10_000, 0, channel, 1, "", 1, TOPIC_EVENT, raw)
 
     elif mode == "raw-xadd":
 

@@ -47,65 +47,8 @@ logger = logging.getLogger("starlette_replay.stores.redis")
 
 _MISSING_REDIS = "RedisStore needs redis-py: pip install 'starlette-replay[redis]'"
 
-# KEYS: meta, log, idem, idemz
-# ARGV: new epoch, history_size, ttl ms (0: none), idempotency key ('' none), channel, n, type1, raw1, ...
-_APPEND = """
-local meta, log, idem, idemz = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  redis.call('DEL', log, idem, idemz)
-  epoch = ARGV[1]
-  redis.call('HSET', meta, 'epoch', epoch, 'head', 0)
-end
-local key = ARGV[4]
-if key ~= '' then
-  local seen = redis.call('HGET', idem, key)
-  if seen then
-    local a, b = string.match(seen, '^(%d+):(%d+)$')
-    return {'dup', epoch, redis.call('XRANGE', log, a, b)}
-  end
-end
-local n = tonumber(ARGV[6])
-local now = redis.call('TIME')
-local ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
-local first = tonumber(redis.call('HGET', meta, 'head')) + 1
-local parts = {epoch, '|', first, '|', ms, '|', n, '|'}
--- XADD before the head moves: a script that fails is not rolled back, and only
--- the first XADD can fail (an id at or below the stream's top), with nothing written yet.
-for i = 1, n do
-  local etype, raw = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
-  redis.call('XADD', log, (first + i - 1) .. '-0', 't', etype, 'd', raw, 'ms', ms)
-  parts[#parts + 1] = #etype .. ':' .. etype .. #raw .. ':' .. raw
-end
-redis.call('HINCRBY', meta, 'head', n)
-redis.call('XTRIM', log, 'MAXLEN', ARGV[2])
-if key ~= '' then
-  redis.call('HSET', idem, key, first .. ':' .. (first + n - 1))
-  redis.call('ZADD', idemz, first, key)
-end
-if redis.call('EXISTS', idemz) == 1 then
-  local head = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
-  local oldest = first + n
-  if #head > 0 then oldest = tonumber(string.match(head[1][1], '^(%d+)')) end
-  while true do
-    local stale = redis.call('ZRANGEBYSCORE', idemz, '-inf', '(' .. oldest, 'LIMIT', 0, 500)
-    if #stale == 0 then break end
-    redis.call('HDEL', idem, unpack(stale))
-    redis.call('ZREM', idemz, unpack(stale))
-  end
-end
-if ARGV[3] ~= '0' then
-  redis.call('PEXPIRE', meta, ARGV[3])
-  redis.call('PEXPIRE', log, ARGV[3])
-  redis.call('PEXPIRE', idem, ARGV[3])
-  redis.call('PEXPIRE', idemz, ARGV[3])
-end
-redis.call('PUBLISH', ARGV[5], table.concat(parts))
-return {'new', epoch, first, ms}
-"""
-
-# Several appends to one topic in one step (concurrent publishes coalesced), each
-# with its own idempotency key. KEYS: meta, log, idem, idemz.
+# One or several appends to one topic in one step (concurrent publishes coalesced),
+# each with its own idempotency key. KEYS: meta, log, idem, idemz.
 # ARGV: new epoch, history_size, ttl ms, channel, nseg, then per segment: key ('' none), n, type1, raw1, ...
 # Returns {epoch, ms, r1, r2, ...}: r is the segment's first offset, or {entries} for a known key.
 _APPEND_BATCH = """
@@ -135,7 +78,8 @@ for s = 1, tonumber(ARGV[5]) do
     local a, b = string.match(seen, '^(%d+):(%d+)$')
     out[#out + 1] = redis.call('XRANGE', log, a, b)
   else
-    -- XADD before the head moves (see _APPEND): only the first XADD can fail
+    -- XADD before the head moves: a script that fails is not rolled back, and only
+    -- the first XADD can fail (an id at or below the stream's top), with nothing written yet.
     for i = 1, n do
       local etype, raw = ARGV[pos + 2 * i], ARGV[pos + 1 + 2 * i]
       redis.call('XADD', log, (head + i) .. '-0', 't', etype, 'd', raw, 'ms', ms)
@@ -241,7 +185,6 @@ class _Script:
         self.sha = hashlib.sha1(body.encode("utf-8")).hexdigest()
 
 
-_APPEND_SCRIPT = _Script(_APPEND)
 _APPEND_BATCH_SCRIPT = _Script(_APPEND_BATCH)
 _STATE_SCRIPT = _Script(_STATE)
 _CURSOR_SCRIPT = _Script(_SAVE_CURSOR)
@@ -648,10 +591,6 @@ class RedisStore:
 
     async def _store_batch(self, topic: str, batch: list[_Append]) -> None:
         deadline = batch[0].deadline  # the earliest: appends queue in order
-        if len(batch) == 1:
-            request = batch[0]
-            request.events = await self._append_one(topic, request.items, request.key, deadline)
-            return
         if anyio.current_time() >= deadline:
             raise StoreUnavailable(
                 f"not stored: waited publish_timeout={self.publish_timeout}s behind other appends to {topic!r}"
@@ -677,32 +616,6 @@ class RedisStore:
                     Event(topic, epoch, first + i, event_type, raw, ms)
                     for i, (event_type, raw) in enumerate(request.items)
                 ]
-
-    async def _append_one(
-        self, topic: str, items: Sequence[tuple[str, str]], idempotency_key: str | None, deadline: float
-    ) -> list[Event]:
-        args: list[Any] = [
-            _new_epoch(),
-            self.history_size,
-            self._ttl_ms,
-            idempotency_key or "",
-            self._channel(topic),
-            len(items),
-        ]
-        for event_type, raw in items:
-            args.append(event_type)
-            args.append(raw)
-        # A retry after the script was sent could store the events twice: only
-        # an idempotency key makes that safe.
-        reply = await self._eval(
-            _APPEND_SCRIPT, self._keys(topic), args, retry=idempotency_key is not None, deadline=deadline
-        )
-        kind = _text(reply[0])
-        epoch = _text(reply[1])
-        if kind == "dup":
-            return _parse_entries(topic, epoch, reply[2])
-        first, ms = _int(reply[2]), _int(reply[3])
-        return [Event(topic, epoch, first + i, event_type, raw, ms) for i, (event_type, raw) in enumerate(items)]
 
     async def _state(self, topic: str, *, create: bool, after: int = 0, limit: int = 0) -> tuple[Position | None, Any]:
         epoch = _new_epoch() if create else ""
