@@ -18,15 +18,17 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from starlette_replay import Event
+from starlette_replay import Event, RedisStore
 
-__all__ = ["RecordingSink", "RedisServer", "free_port", "redis_server", "redis_server_factory"]
+__all__ = ["RecordingSink", "RedisServer", "connected", "free_port", "redis_server", "redis_server_factory"]
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -194,3 +196,16 @@ class RecordingSink:
         with anyio.fail_after(timeout):
             while not condition():
                 await self._changed.wait()
+
+
+@asynccontextmanager
+async def connected(url: str, **options: Any) -> AsyncIterator[tuple[RedisStore, RecordingSink]]:
+    """A RedisStore on ``url`` (``publish_timeout`` 3 s unless given), connected to a :class:`RecordingSink`."""
+    options.setdefault("publish_timeout", 3)
+    store = RedisStore.from_url(url, **options)
+    sink = RecordingSink()
+    try:
+        async with store.connect(sink):
+            yield store, sink
+    finally:
+        await store.aclose()

@@ -8,31 +8,22 @@ where Redis really lost history, a ``reset`` and a new epoch.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
 import anyio
 import anyio.to_thread
 import pytest
 
 from starlette_replay import Event, RedisStore, StoreUnavailable
-from tests.redis_server import RecordingSink, RedisServer
+from tests.redis_server import RedisServer
+from tests.redis_server import connected as connected_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
-@asynccontextmanager
-async def connected(url: str, **options: Any) -> AsyncIterator[tuple[RedisStore, RecordingSink]]:
-    options.setdefault("publish_timeout", 3)
-    options.setdefault("health_check_interval", 1)
-    store = RedisStore.from_url(url, **options)
-    sink = RecordingSink()
-    try:
-        async with store.connect(sink):
-            yield store, sink
-    finally:
-        await store.aclose()
+# the listener pings every second here, so a dead pub/sub link is noticed fast
+connected = partial(connected_store, health_check_interval=1)
 
 
 async def publish_until_stored(store: RedisStore, topic: str, key: str, data: str) -> Event:

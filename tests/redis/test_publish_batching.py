@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 
-from starlette_replay import RedisStore, StoreUnavailable
+from starlette_replay import StoreUnavailable
 from starlette_replay.events import Event
-from tests.redis_server import RecordingSink, RedisServer
+from tests.redis_server import RedisServer, connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-
-@asynccontextmanager
-async def connected(url: str, **options: Any) -> AsyncIterator[tuple[RedisStore, RecordingSink]]:
-    options.setdefault("publish_timeout", 3)
-    store = RedisStore.from_url(url, **options)
-    sink = RecordingSink()
-    try:
-        async with store.connect(sink):
-            yield store, sink
-    finally:
-        await store.aclose()
 
 
 def script_calls(server: RedisServer) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -14,20 +13,9 @@ import pytest
 import redis.asyncio
 
 from starlette_replay import Cursor, RedisStore, Replay, allow_all
-from tests.redis_server import RecordingSink, RedisServer
+from tests.redis_server import RecordingSink, RedisServer, connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-
-@asynccontextmanager
-async def connected(url: str, **options: Any) -> AsyncIterator[tuple[RedisStore, RecordingSink]]:
-    store = RedisStore.from_url(url, publish_timeout=3, **options)
-    sink = RecordingSink()
-    try:
-        async with store.connect(sink):
-            yield store, sink
-    finally:
-        await store.aclose()
 
 
 def test_importing_works_without_redis_py_and_constructing_names_the_extra() -> None:
