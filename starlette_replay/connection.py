@@ -2,9 +2,18 @@
 
 A connection runs two tasks in one task group. The *reader* handles the
 client's frames one at a time, in order (an ``ack`` is stored before the next
-frame is read). The *writer* is the only code that sends on the socket: it
-drains one ordered queue of frames. The Replay's one heartbeat timer queues a
-``ping`` on a connection that has been idle for ``heartbeat_interval``.
+frame is read). The *writer* drains one ordered queue of frames. The Replay's
+one heartbeat timer queues a ``ping`` on a connection that has been idle for
+``heartbeat_interval``.
+
+Inline sends (asyncio): a frame pushed while the writer is parked on an empty
+queue is sent by the pushing task itself (the hub's caller, the reader, the
+heartbeat timer), at most once per connection per event-loop turn. When events
+come one at a time, waking a task per connection per event costs about as much
+as the send, which is all a bare broadcast loop pays. Frames pushed later in the
+same turn are queued and the writer sends them together, so bursts still batch.
+A send that has to wait (the socket's buffer is full) is handed to the writer,
+which finishes it before it touches the queue: one order, one send at a time.
 
 Live frames (pushed by the hub, never awaiting) count toward
 ``send_queue_size``; past it the connection is closed with 1013. Replayed
@@ -15,10 +24,13 @@ them, so they are paced by the socket and need no bound of their own.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
+import types
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -67,6 +79,39 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     except Exception:
         return None
     return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+
+
+@types.coroutine
+def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    """Drive ``coro`` on in the awaiting task, after a step outside it suspended on ``yielded``.
+
+    The first wait may be over by now: a bare yield (``sleep(0)``) asked for one
+    loop turn, which has passed; a future may be done. Then ``coro`` goes on at
+    once, as the task that yielded would have been resumed meanwhile.
+    """
+    if yielded is None or (isinstance(yielded, asyncio.Future) and yielded.done()):
+        if yielded is not None:
+            yielded._asyncio_future_blocking = False  # as a task does when it takes a future
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+    while True:
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # CancelledError, thrown in by the task: coro's to handle
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _not_subscribed(frame: Ack | Unsubscribe) -> FrameError:
@@ -119,6 +164,13 @@ class Connection:
         self._tokens = float(self.limits.frame_burst)
         self._tokens_at = time.monotonic()
         self._bad_frames: deque[float] | None = None  # made on the first bad frame
+        # Inline sends (asyncio only): the writer's context, set while it runs; the loop
+        # turn of this connection's last inline send; an inline send that has to wait
+        # (its coroutine and what it is waiting on), for the writer to finish.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: contextvars.Context | None = None
+        self._inline_turn = -1
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
 
     def __repr__(self) -> str:
         return f"Connection({self.id}, identity={self.identity!r}, topics={len(self.subs)})"
@@ -140,16 +192,63 @@ class Connection:
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
-        self._queue.append((frame, True))
         self._queued += 1
+        if self._wakeup is not None and self._send_inline(frame):
+            return
+        self._queue.append((frame, True))
         self.count_live(1)
         self._wake()
 
     def _push(self, frame: str) -> int:
-        self._queue.append((frame, False))
         self._queued += 1
-        self._wake()
+        if self._wakeup is None or not self._send_inline(frame):
+            self._queue.append((frame, False))
+            self._wake()
         return self._queued
+
+    def _send_inline(self, frame: str) -> bool:
+        """Send ``frame`` from the calling task; False when it must be queued instead.
+
+        Called only while the writer is parked on an empty queue. The send starts
+        in (a copy of) the writer's context. True means the frame is sent, or its
+        send waits (for a full socket buffer) and the writer, woken, finishes it
+        before anything else, or the peer is gone (the connection then stops).
+        """
+        loop, context = self._loop, self._context
+        if loop is None or context is None or self._inflight is not None or self.close_code is not None or self._gone:
+            return False
+        hub = self.replay.hub
+        if self._inline_turn == hub.turn:
+            return False  # a burst: the writer sends the rest of it in one go
+        self._inline_turn = hub.turn
+        hub.used_turn(loop)
+        send = self.websocket.send_text(frame)
+        try:
+            yielded = context.run(send.send, None)
+        except StopIteration:
+            self._idle_since = time.monotonic()
+            self._count_sent(False)
+            return True
+        except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
+            self._lost(exc)
+            if self._scope is not None:
+                self._scope.cancel()
+            return True
+        self._inflight = (send, yielded)
+        self._wake()
+        return True
+
+    def _count_sent(self, live: bool) -> None:
+        if live:
+            self.live_queued -= 1
+        self._sent += 1
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
+
+    def _lost(self, exc: BaseException) -> None:
+        logger.debug("[%s] send failed, peer gone: %r", self.id, exc)
+        self._gone = True
 
     def _wake(self) -> None:
         wakeup = self._wakeup
@@ -199,6 +298,9 @@ class Connection:
             logger.exception("[%s] unexpected error", self.id)
             self.abort(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            self._loop = self._context = None  # no more inline sends
+            if self._inflight is not None:
+                self._inflight[0].close()  # the writer was stopped before it finished the send
             with anyio.CancelScope(shield=True):
                 for sub in list(self.subs.values()):
                     await self.replay.hub.leave(sub)
@@ -214,9 +316,18 @@ class Connection:
         try:
             await self.websocket.send_text(frame)
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
-            logger.debug("[%s] send failed, peer gone: %r", self.id, exc)
-            self._gone = True
+            self._lost(exc)
             await self._stop()
+
+    async def _finish_inline_send(self, send: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        try:
+            await _finish(send, waiting_on)
+        except Exception as exc:
+            self._lost(exc)
+            await self._stop()
+        finally:
+            self._inflight = None
+        self._count_sent(False)
 
     async def _stop(self, code: int | None = None, reason: str = "") -> NoReturn:
         """Abort with ``code`` (or just stop, when the peer is gone) and unwind this task."""
@@ -235,7 +346,12 @@ class Connection:
     async def _writer(self) -> None:
         queue = self._queue
         loop = _asyncio_loop()
+        if loop is not None:
+            self._loop, self._context = loop, contextvars.copy_context()
         while True:
+            if self._inflight is not None:
+                await self._finish_inline_send(*self._inflight)
+                continue
             head = self._head
             if head == len(queue):
                 queue.clear()
@@ -254,12 +370,7 @@ class Connection:
                 self._head = 0
             self._head += 1
             await self._send(frame)
-            if live:
-                self.live_queued -= 1
-            self._sent += 1
-            if self._progress is not None:
-                self._progress.set()
-                self._progress = None
+            self._count_sent(live)
 
     async def _reader(self) -> None:
         receive = self.websocket.receive

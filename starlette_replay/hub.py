@@ -20,6 +20,7 @@ connection with 1013 and the client resumes from its cursor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,20 @@ class Hub:
         # Set by a connection whose live queue is half full: the publisher then
         # yields once before its next append so that the writers can drain.
         self.backlogged = False
+        # Event-loop turns in which a connection sent inline: a connection sends
+        # inline at most once a turn (see Connection._send_inline).
+        self.turn = 0
+        self._turn_ending = False
+
+    def used_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a new turn once the tasks and callbacks ready now have run."""
+        if not self._turn_ending:
+            self._turn_ending = True
+            loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_ending = False
+        self.turn += 1
 
     # --- LiveSink ----------------------------------------------------------------
 

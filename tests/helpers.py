@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -9,12 +10,14 @@ from typing import Any
 
 import anyio
 import httpx
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from asgi_lifespan import LifespanManager
 from httpx_ws import WebSocketDisconnect, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
 from starlette.applications import Starlette
 
 from starlette_replay import Replay
+from starlette_replay.connection import Connection
 
 TIMEOUT = 5.0
 
@@ -175,3 +178,68 @@ async def lifespan_of(app: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
         finally:
             with anyio.CancelScope(shield=True):
                 await shutdown()
+
+
+# --- a fake socket, for tests at the Connection level ---------------------------------------------------
+
+
+async def serve_fake(replay: Replay, ws: FakeWebSocket, name: str) -> None:
+    """What the endpoint does after accept, with a fake socket."""
+    connection = Connection(replay, ws, None, name)  # type: ignore[arg-type]
+    with replay._track(connection):
+        await connection.run()
+
+
+class FakeWebSocket:
+    """Just what Connection uses; ``send_text`` blocks while ``stalled``."""
+
+    def __init__(self) -> None:
+        self.fail = False  # send_text raises, as when the peer is gone
+        self.senders: list[asyncio.Task[Any] | None] = []  # the task that sent each frame
+        self.inbox_send: MemoryObjectSendStream[dict[str, Any]]
+        self.inbox: MemoryObjectReceiveStream[dict[str, Any]]
+        self.inbox_send, self.inbox = anyio.create_memory_object_stream[dict[str, Any]](100)
+        self.sent: list[dict[str, Any]] = []
+        self.texts: list[str] = []
+        self.stalled = False
+        self.unstall = anyio.Event()
+        self.got_frame = anyio.Event()
+        self.closed_with: tuple[int, str] | None = None
+        self.closed = anyio.Event()
+        self.send_attempted = anyio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        try:
+            return await self.inbox.receive()
+        except anyio.EndOfStream:
+            return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send_text(self, text: str) -> None:
+        if self.fail:
+            raise OSError("peer gone")
+        self.senders.append(asyncio.current_task())
+        self.send_attempted.set()
+        self.texts.append(text)  # what the connection tried to send, sent or not
+        if self.stalled:
+            await self.unstall.wait()
+        self.sent.append(json.loads(text))
+        self.got_frame.set()
+        self.got_frame = anyio.Event()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed_with = (code, reason or "")
+        self.closed.set()
+
+    def close_streams(self) -> None:
+        self.inbox_send.close()
+        self.inbox.close()
+
+    async def client_sends(self, frame: dict[str, Any]) -> None:
+        await self.inbox_send.send({"type": "websocket.receive", "text": json.dumps(frame)})
+
+    async def wait_for(self, n: int) -> list[dict[str, Any]]:
+        """Wait until ``n`` frames were sent."""
+        with anyio.fail_after(TIMEOUT):
+            while len(self.sent) < n:
+                await self.got_frame.wait()
+        return self.sent

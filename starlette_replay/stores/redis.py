@@ -20,6 +20,7 @@ works without it; constructing a store without it raises ``ImportError``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -886,6 +887,10 @@ class RedisStore:
                 # not ours (someone else published on the channel): the stream is the truth
                 logger.warning("ignoring a malformed message on %s", _text(reply[1]))
                 return
+            # Delivering may send to every local subscriber from this task (inline
+            # sends): let the tasks that are ready run first, so that a publisher's
+            # next append goes out to Redis before those sends, not after them.
+            await asyncio.sleep(0)
             for event in events:
                 await self._offer(topic, state, event)
         elif kind in (b"subscribe", b"unsubscribe"):

@@ -1,0 +1,163 @@
+"""Inline sends: a frame pushed while a connection's writer is parked is sent by
+the pushing task itself, once per connection per loop turn; the rest of a burst,
+and a send that has to wait, go through the writer, in one order.
+
+The fake socket's ``send_text`` completes without suspending (as uvicorn's does
+while the socket's buffer has room) unless ``stalled``; it records the task that
+sent each frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from starlette_replay import MemoryStore, Replay, allow_all
+
+from .helpers import TIMEOUT, FakeWebSocket, serve_fake
+
+pytestmark = pytest.mark.anyio
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+class RecordingWebSocket(FakeWebSocket):
+    """Also records the ``request_id`` each frame was sent under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.request_ids: list[str] = []
+
+    async def send_text(self, text: str) -> None:
+        self.request_ids.append(request_id.get())
+        await super().send_text(text)
+
+
+async def subscribed(replay: Replay, tg: Any, ws: FakeWebSocket, name: str = "c") -> None:
+    async def serve() -> None:
+        request_id.set(f"conn-{name}")  # what a middleware would set for the connection
+        await serve_fake(replay, ws, name)
+
+    tg.start_soon(serve)
+    await ws.client_sends({"type": "subscribe", "topic": "t"})
+    assert (await ws.wait_for(1))[0]["type"] == "subscribed"
+    await wait_parked(replay)
+
+
+async def wait_parked(replay: Replay) -> None:
+    """Until every connection's writer waits on an empty queue."""
+    with anyio.fail_after(TIMEOUT):
+        while not all(conn._wakeup is not None and not conn.queued for conn in replay._connections):
+            await anyio.lowlevel.checkpoint()
+
+
+def offsets(ws: FakeWebSocket) -> list[int]:
+    return [frame["offset"] for frame in ws.sent if frame["type"] == "event"]
+
+
+async def test_a_parked_connection_is_sent_to_by_the_publishing_task() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    a, b = RecordingWebSocket(), RecordingWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, a, "a")
+        await subscribed(replay, tg, b, "b")
+        me = asyncio.current_task()
+        for i in range(1, 4):
+            await replay.publish("t", "x", i)
+            # sent before publish() returned, by this task: no writer was woken
+            assert offsets(a) == offsets(b) == list(range(1, i + 1))
+            assert a.senders[-1] is me and b.senders[-1] is me
+            await anyio.lowlevel.checkpoint()  # the next loop turn
+        # in the connection's context, not the publisher's
+        assert a.request_ids[-3:] == ["conn-a"] * 3 and b.request_ids[-3:] == ["conn-b"] * 3
+        assert replay.stats()["queued_frames"] == 0
+        tg.cancel_scope.cancel()
+    a.close_streams()
+    b.close_streams()
+
+
+async def test_a_burst_in_one_turn_is_sent_once_inline_then_by_the_writer() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    ws = FakeWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, ws)
+        me = asyncio.current_task()
+        for i in range(5):
+            await replay.publish("t", "x", i)  # a MemoryStore append never yields
+        assert offsets(ws) == [1]
+        assert replay.stats()["queued_frames"] == 4
+        await ws.wait_for(6)
+        assert offsets(ws) == [1, 2, 3, 4, 5]
+        writer = ws.senders[2]
+        assert ws.senders[1] is me and writer is not me and ws.senders[2:] == [writer] * 4
+        # Parked again: the next event is inline again.
+        await wait_parked(replay)
+        await replay.publish("t", "x", 5)
+        assert offsets(ws) == [1, 2, 3, 4, 5, 6] and ws.senders[-1] is me
+        tg.cancel_scope.cancel()
+    ws.close_streams()
+
+
+async def test_an_inline_send_that_waits_is_finished_by_the_writer_before_the_queue() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all, send_queue_size=100)
+    ws = FakeWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, ws)
+        ws.stalled = True
+        for i in range(5):
+            await replay.publish("t", "x", i)
+            await anyio.sleep(0.01)  # a new turn each time: only the stalled send is in flight
+        assert offsets(ws) == []
+        assert len(ws.texts) == 2  # the stalled first event and the subscribed reply
+        assert replay.stats()["queued_frames"] == 4  # the rest waits in the queue, counted
+        ws.stalled = False
+        ws.unstall.set()
+        await ws.wait_for(6)
+        assert offsets(ws) == [1, 2, 3, 4, 5]
+        assert len(ws.texts) == 6  # each sent once
+        await wait_parked(replay)
+        await replay.publish("t", "x", 5)
+        assert offsets(ws) == [1, 2, 3, 4, 5, 6]
+        tg.cancel_scope.cancel()
+    ws.close_streams()
+
+
+async def test_a_slow_consumer_is_still_closed_when_its_first_send_waits() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all, send_queue_size=4)
+    ws = FakeWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, ws)
+        ws.stalled = True
+        for i in range(6):
+            await replay.publish("t", "x", i)
+            await anyio.sleep(0.01)
+        with anyio.fail_after(TIMEOUT):
+            await ws.closed.wait()
+        assert ws.closed_with is not None and ws.closed_with[0] == 1013
+    ws.close_streams()
+    assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+
+
+async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    gone, ok = FakeWebSocket(), FakeWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, gone, "gone")
+        await subscribed(replay, tg, ok, "ok")
+        gone.fail = True
+        await replay.publish("t", "x", 0)  # does not raise
+        with anyio.fail_after(TIMEOUT):
+            while replay.stats()["connections"] != 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert gone.closed_with is None  # the peer is gone: nothing to close
+        await anyio.lowlevel.checkpoint()  # the next loop turn
+        await replay.publish("t", "x", 1)
+        assert offsets(ok) == [1, 2]
+        tg.cancel_scope.cancel()
+    gone.close_streams()
+    ok.close_streams()
