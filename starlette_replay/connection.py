@@ -137,6 +137,36 @@ class Limits:
 class Connection:
     """Server side of one client connection. Created by the endpoint after ``accept``."""
 
+    # Slots: an idle connection is mostly this object; a __dict__ would cost ~1 KB more.
+    __slots__ = (
+        "_backlog_at",
+        "_bad_frames",
+        "_context",
+        "_gone",
+        "_head",
+        "_idle_since",
+        "_inflight",
+        "_inline_turn",
+        "_loop",
+        "_progress",
+        "_queue",
+        "_queued",
+        "_scope",
+        "_sent",
+        "_tokens",
+        "_tokens_at",
+        "_wakeup",
+        "close_code",
+        "close_reason",
+        "id",
+        "identity",
+        "limits",
+        "live_queued",
+        "replay",
+        "subs",
+        "websocket",
+    )
+
     def __init__(self, replay: Replay, websocket: WebSocket, identity: str | None, conn_id: str) -> None:
         self.replay = replay
         self.websocket = websocket

@@ -130,10 +130,16 @@ async def serve(replay: Replay, websocket: WebSocket) -> None:
     connection = Connection(replay, websocket, identity, conn_id)
     # Counted for its identity from before accept(), with no await since the
     # check above: the limit has no race, and revoke() reaches handshakes in progress.
-    with replay._reserve(connection):
+    replay._reserve(connection)
+    try:
         offered = websocket.scope.get("subprotocols") or []
         await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         logger.debug("[%s] connected (identity=%r)", conn_id, identity)
-        with replay._track(connection):
+        replay._track(connection)
+        try:
             await connection.run()
+        finally:
+            replay._untrack(connection)
+    finally:
+        replay._release(connection)
     logger.debug("[%s] closed (%s)", conn_id, connection.close_code)

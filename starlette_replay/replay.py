@@ -6,8 +6,8 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -241,37 +241,38 @@ class Replay:
         limit = self.max_connections_per_identity
         return identity is not None and limit is not None and len(self._per_identity.get(identity, ())) >= limit
 
-    @contextmanager
-    def _reserve(self, connection: Connection) -> Iterator[None]:
-        """Count ``connection`` against its identity from before ``accept()`` until it is closed."""
+    # Plain methods, not context managers: a suspended generator per connection
+    # costs memory that every idle connection would carry (see docs/benchmarks.md).
+
+    def _reserve(self, connection: Connection) -> None:
+        """Count ``connection`` against its identity from before ``accept()``; :meth:`_release` ends it."""
         identity = connection.identity
         if identity is not None:
             self._per_identity.setdefault(identity, set()).add(connection)
-        try:
-            yield
-        finally:
-            if identity is not None:
-                held = self._per_identity.get(identity)
-                if held is not None:
-                    held.discard(connection)
-                    if not held:
-                        del self._per_identity[identity]
-            waiter = self._close_waiters.pop(connection, None)
-            if waiter is not None:
-                waiter.set()
 
-    @contextmanager
-    def _track(self, connection: Connection) -> Iterator[None]:
+    def _release(self, connection: Connection) -> None:
+        identity = connection.identity
+        if identity is not None:
+            held = self._per_identity.get(identity)
+            if held is not None:
+                held.discard(connection)
+                if not held:
+                    del self._per_identity[identity]
+        waiter = self._close_waiters.pop(connection, None)
+        if waiter is not None:
+            waiter.set()
+
+    def _track(self, connection: Connection) -> None:
+        """Count ``connection`` as open (stats, shutdown) until :meth:`_untrack`."""
         self._connections.add(connection)
         if self._stack is None:
             # Accepted while aclose() ran (or after): the hub no longer gets live events.
             connection.abort(CloseCode.GOING_AWAY, "server shutting down")
-        try:
-            yield
-        finally:
-            self._connections.discard(connection)
-            if not self._connections and self._all_closed is not None:
-                self._all_closed.set()
+
+    def _untrack(self, connection: Connection) -> None:
+        self._connections.discard(connection)
+        if not self._connections and self._all_closed is not None:
+            self._all_closed.set()
 
     # --- ASGI --------------------------------------------------------------------
 

@@ -186,8 +186,11 @@ async def lifespan_of(app: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
 async def serve_fake(replay: Replay, ws: FakeWebSocket, name: str) -> None:
     """What the endpoint does after accept, with a fake socket."""
     connection = Connection(replay, ws, None, name)  # type: ignore[arg-type]
-    with replay._track(connection):
+    replay._track(connection)
+    try:
         await connection.run()
+    finally:
+        replay._untrack(connection)
 
 
 class FakeWebSocket:
