@@ -1,19 +1,23 @@
 """One accepted WebSocket: its send queue, its subscriptions, its frame handling.
 
-A connection runs two tasks in one task group. The *reader* handles the
-client's frames one at a time, in order (an ``ack`` is stored before the next
-frame is read). The *writer* drains one ordered queue of frames. The Replay's
-one heartbeat timer queues a ``ping`` on a connection that has been idle for
-``heartbeat_interval``.
+The *reader* (the endpoint's task) handles the client's frames one at a time,
+in order (an ``ack`` is stored before the next frame is read). Frames to the
+client go out in one order, one send at a time:
 
-Inline sends (asyncio): a frame pushed while the writer is parked on an empty
-queue is sent by the pushing task itself (the hub's caller, the reader, the
-heartbeat timer), at most once per connection per event-loop turn. When events
-come one at a time, waking a task per connection per event costs about as much
-as the send, which is all a bare broadcast loop pays. Frames pushed later in the
-same turn are queued and the writer sends them together, so bursts still batch.
-A send that has to wait (the socket's buffer is full) is handed to the writer,
-which finishes it before it touches the queue: one order, one send at a time.
+- Inline (asyncio): a frame pushed while nothing is queued is sent by the
+  pushing task itself (the hub's caller, the reader, the heartbeat timer), at
+  most once per connection per event-loop turn. When events come one at a time,
+  waking a task per connection per event costs about as much as the send, which
+  is all a bare broadcast loop pays.
+- Otherwise the frame is queued for the *writer*, a task of the connection's
+  task group started for it, which sends the queue and then parks until woken
+  for more. A burst (the frames pushed after the inline one in the same turn)
+  goes out in one go. A send that has to wait (the socket's buffer is full) is
+  handed to the writer, which finishes it first.
+
+The Replay's one heartbeat timer queues a ``ping`` on a connection that has
+been idle for ``heartbeat_interval`` and retires its parked writer, so an idle
+connection holds no task but its reader.
 
 Live frames (pushed by the hub, never awaiting) count toward
 ``send_queue_size``; past it the connection is closed with 1013. Replayed
@@ -151,11 +155,15 @@ class Connection:
         "_progress",
         "_queue",
         "_queued",
+        "_retire",
         "_scope",
         "_sent",
+        "_tg",
         "_tokens",
         "_tokens_at",
+        "_unfinished",
         "_wakeup",
+        "_writing",
         "close_code",
         "close_reason",
         "id",
@@ -182,9 +190,14 @@ class Connection:
         self.live_queued = 0  # live frames queued or buffered in subscriptions
         self._queued = 0  # frames ever queued
         self._sent = 0  # frames ever sent
-        # Set while the writer waits for frames: a bare future on asyncio (cheaper than
-        # an anyio.Event, whose creation and wait look the backend up every time).
+        # The writer: a task of ``_tg`` (set while run() runs) while ``_writing``; parked
+        # on ``_wakeup`` (a bare future on asyncio: cheaper than an anyio.Event) when
+        # the queue is empty; told to end by ``_retire``.
+        self._writing = False
         self._wakeup: asyncio.Future[None] | anyio.Event | None = None
+        self._retire = False
+        self._unfinished = False  # a send started and has not finished (see _flush)
+        self._tg: anyio.abc.TaskGroup | None = None
         self._idle_since = time.monotonic()
         self._progress: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
@@ -194,9 +207,9 @@ class Connection:
         self._tokens = float(self.limits.frame_burst)
         self._tokens_at = time.monotonic()
         self._bad_frames: deque[float] | None = None  # made on the first bad frame
-        # Inline sends (asyncio only): the writer's context, set while it runs; the loop
-        # turn of this connection's last inline send; an inline send that has to wait
-        # (its coroutine and what it is waiting on), for the writer to finish.
+        # The connection's context (its ASGI task's), where every send runs; the loop
+        # (asyncio only: inline sends); the loop turn of this connection's last inline
+        # send; an inline send that has to wait (its coroutine and what it waits on).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: contextvars.Context | None = None
         self._inline_turn = -1
@@ -222,30 +235,28 @@ class Connection:
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
-        self._queued += 1
-        if self._wakeup is not None and self._send_inline(frame):
-            return
-        self._queue.append((frame, True))
-        self.count_live(1)
-        self._wake()
+        self._push(frame, live=True)
 
-    def _push(self, frame: str) -> int:
+    def _push(self, frame: str, live: bool = False) -> int:
+        """Send or queue ``frame``; returns its number (see :meth:`_drained`)."""
         self._queued += 1
-        if self._wakeup is None or not self._send_inline(frame):
-            self._queue.append((frame, False))
-            self._wake()
+        if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
+            self._queue.append((frame, live))
+            if live:
+                self.count_live(1)
+            self._kick()
         return self._queued
 
     def _send_inline(self, frame: str) -> bool:
         """Send ``frame`` from the calling task; False when it must be queued instead.
 
-        Called only while the writer is parked on an empty queue. The send starts
-        in (a copy of) the writer's context. True means the frame is sent, or its
-        send waits (for a full socket buffer) and the writer, woken, finishes it
-        before anything else, or the peer is gone (the connection then stops).
+        Called only when nothing is queued and the writer is parked or absent.
+        True means the frame is sent, or its send waits (for a full socket buffer)
+        and the writer finishes it before anything else, or the peer is gone
+        (the connection then stops).
         """
         loop, context = self._loop, self._context
-        if loop is None or context is None or self._inflight is not None or self.close_code is not None or self._gone:
+        if loop is None or context is None or self.close_code is not None or self._gone:
             return False
         hub = self.replay.hub
         if self._inline_turn == hub.turn:
@@ -261,12 +272,24 @@ class Connection:
             return True
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
             self._lost(exc)
-            if self._scope is not None:
-                self._scope.cancel()
             return True
         self._inflight = (send, yielded)
-        self._wake()
+        self._unfinished = True
+        self._kick()
         return True
+
+    def _kick(self) -> None:
+        """Have what waits sent: wake the parked writer, or start one."""
+        if self._wakeup is not None:
+            wakeup, self._wakeup = self._wakeup, None
+            if isinstance(wakeup, anyio.Event):
+                wakeup.set()
+            elif not wakeup.done():  # a future the cancelled writer left behind is done
+                wakeup.set_result(None)
+        elif not self._writing and self._tg is not None and self.close_code is None and not self._gone:
+            self._writing = True
+            assert self._context is not None  # set with _tg
+            self._context.run(self._tg.start_soon, self._writer)  # in the connection's context
 
     def _count_sent(self, live: bool) -> None:
         if live:
@@ -277,17 +300,11 @@ class Connection:
             self._progress = None
 
     def _lost(self, exc: BaseException) -> None:
+        """A send failed: the peer is gone; stop the connection (nothing to close)."""
         logger.debug("[%s] send failed, peer gone: %r", self.id, exc)
         self._gone = True
-
-    def _wake(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            if isinstance(wakeup, anyio.Event):
-                wakeup.set()
-            elif not wakeup.done():  # a future the cancelled writer left behind is done
-                wakeup.set_result(None)
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _drained(self, seq: int) -> None:
         """Wait until the writer has sent the frame numbered ``seq``."""
@@ -316,91 +333,133 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or it is aborted. Never raises."""
+        self._loop = _asyncio_loop()
+        self._context = contextvars.copy_context()
         try:
             async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope  # cancels the reader and the writer
+                self._tg, self._scope = tg, tg.cancel_scope  # cancels the reader and the writer
                 if self.close_code is not None:
                     self._scope.cancel()
-                tg.start_soon(self._writer)
+                if self._queue:
+                    self._kick()  # a heartbeat ping queued before
                 await self._reader()
                 tg.cancel_scope.cancel()
         except Exception:
             logger.exception("[%s] unexpected error", self.id)
             self.abort(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            self._loop = self._context = None  # no more inline sends
-            if self._inflight is not None:
-                self._inflight[0].close()  # the writer was stopped before it finished the send
+            inline = self._loop is not None
+            self._tg = self._loop = None  # no more writers, no more inline sends
             with anyio.CancelScope(shield=True):
+                if self._inflight is not None:
+                    self._inflight[0].close()  # no writer finished this send
                 for sub in list(self.subs.values()):
                     await self.replay.hub.leave(sub)
                 self.subs.clear()
                 if self.close_code is not None and not self._gone:
+                    if inline:
+                        self._flush()
                     with anyio.move_on_after(self.limits.close_timeout):
                         try:
                             await self.websocket.close(self.close_code, self.close_reason)
                         except Exception:  # the peer went away meanwhile
                             pass
 
-    async def _send(self, frame: str) -> None:
+    def _flush(self) -> None:
+        """Before the close frame: send what is queued, as far as the socket takes it at once.
+
+        Frames queued just before an abort (the replies and ``rate_limited``
+        errors to a flood of frames, say) then reach the client ahead of the
+        close. Never waits: the first send that would is dropped, with the rest.
+        Nothing goes out after a send that did not finish (no hole).
+        """
+        queue, context = self._queue, self._context
+        while not self._unfinished and self._head < len(queue) and context is not None:
+            send = self.websocket.send_text(queue[self._head][0])
+            try:
+                context.run(send.send, None)
+            except StopIteration:
+                self._head += 1
+                continue
+            except Exception as exc:
+                self._lost(exc)
+                return
+            send.close()  # it would wait (a full socket buffer): the close goes out now
+            return
+
+    async def _send(self, frame: str) -> bool:
         try:
             await self.websocket.send_text(frame)
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
             self._lost(exc)
-            await self._stop()
+            return False
+        return True
 
-    async def _finish_inline_send(self, send: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    async def _finish_inline_send(self, send: Coroutine[Any, Any, None], waiting_on: Any) -> bool:
         try:
             await _finish(send, waiting_on)
         except Exception as exc:
             self._lost(exc)
-            await self._stop()
+            return False
         finally:
             self._inflight = None
-        self._count_sent(False)
+        return True
 
-    async def _stop(self, code: int | None = None, reason: str = "") -> NoReturn:
-        """Abort with ``code`` (or just stop, when the peer is gone) and unwind this task."""
-        if code is not None:
-            self.abort(code, reason)
-        elif self._scope is not None:
-            self._scope.cancel()
+    async def _stop(self, code: int, reason: str) -> NoReturn:
+        """Abort with ``code`` and unwind the reader."""
+        self.abort(code, reason)
         await anyio.sleep_forever()  # raises at once: our scope is cancelled
         raise AssertionError("unreachable")
 
     def heartbeat(self, now: float, interval: float) -> None:
-        """Queue a ``ping`` if nothing was sent for ``interval`` seconds (called by the Replay's timer)."""
-        if self._wakeup is not None and not self._queue and now - self._idle_since >= interval:
-            self._push(encode_ping())
+        """Called by the Replay's timer: after ``interval`` seconds with nothing sent,
+        send a ``ping`` and retire the parked writer (the next frames start one)."""
+        if self._queue or (self._writing and self._wakeup is None) or now - self._idle_since < interval:
+            return
+        self._retire = self._writing  # it ends once the queue is empty (the ping too)
+        self._push(encode_ping())
+        if self._wakeup is not None:
+            self._kick()
 
     async def _writer(self) -> None:
+        """Send what is in flight and queued; park when done; end when retired."""
         queue = self._queue
-        loop = _asyncio_loop()
-        if loop is not None:
-            self._loop, self._context = loop, contextvars.copy_context()
-        while True:
-            if self._inflight is not None:
-                await self._finish_inline_send(*self._inflight)
-                continue
-            head = self._head
-            if head == len(queue):
-                queue.clear()
-                self._head = 0
-                self._idle_since = time.monotonic()
-                if loop is not None:
-                    self._wakeup = future = loop.create_future()
-                    await future
-                else:
-                    self._wakeup = event = anyio.Event()
-                    await event.wait()
-                continue
-            frame, live = queue[head]
-            if head >= _COMPACT_AT:
-                del queue[:head]  # a queue that never empties must not grow without end
-                self._head = 0
-            self._head += 1
-            await self._send(frame)
-            self._count_sent(live)
+        loop = self._loop
+        try:
+            while True:
+                if self._inflight is not None:
+                    if not await self._finish_inline_send(*self._inflight):
+                        return
+                    self._unfinished = False
+                    self._count_sent(False)
+                    continue
+                head = self._head
+                if head == len(queue):
+                    queue.clear()
+                    self._head = 0
+                    self._idle_since = time.monotonic()
+                    if self._retire:
+                        return
+                    if loop is not None:
+                        self._wakeup = future = loop.create_future()
+                        await future
+                    else:
+                        self._wakeup = event = anyio.Event()
+                        await event.wait()
+                    continue
+                frame, live = queue[head]
+                if head >= _COMPACT_AT:
+                    del queue[:head]  # a queue that never empties must not grow without end
+                    self._head = 0
+                self._head += 1
+                self._unfinished = True
+                if not await self._send(frame):
+                    return
+                self._unfinished = False
+                self._count_sent(live)
+        finally:
+            self._writing = self._retire = False
+            self._wakeup = None
 
     async def _reader(self) -> None:
         receive = self.websocket.receive

@@ -50,9 +50,9 @@ async def subscribed(replay: Replay, tg: Any, ws: FakeWebSocket, name: str = "c"
 
 
 async def wait_parked(replay: Replay) -> None:
-    """Until every connection's writer waits on an empty queue."""
+    """Until no connection has a writer sending or anything queued."""
     with anyio.fail_after(TIMEOUT):
-        while not all(conn._wakeup is not None and not conn.queued for conn in replay._connections):
+        while any((conn._writing and conn._wakeup is None) or conn.queued for conn in replay._connections):
             await anyio.lowlevel.checkpoint()
 
 
@@ -161,3 +161,39 @@ async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:
         tg.cancel_scope.cancel()
     gone.close_streams()
     ok.close_streams()
+
+
+async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    ws = FakeWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, ws)
+        [conn] = list(replay._connections)
+        for i in range(3):
+            await replay.publish("t", "x", i)  # one inline, two queued for a writer that has not run
+        conn.abort(1008, "test")
+        with anyio.fail_after(TIMEOUT):
+            await ws.closed.wait()
+        assert offsets(ws) == [1, 2, 3]
+        assert ws.closed_with == (1008, "test")
+    ws.close_streams()
+
+
+async def test_nothing_goes_out_after_a_send_that_did_not_finish() -> None:
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    ws = FakeWebSocket()
+    async with replay, anyio.create_task_group() as tg:
+        await subscribed(replay, tg, ws)
+        [conn] = list(replay._connections)
+        ws.stalled = True
+        for i in range(3):
+            await replay.publish("t", "x", i)  # the first send waits; the others are queued behind it
+        with anyio.fail_after(TIMEOUT):
+            await ws.send_attempted.wait()
+        ws.stalled = False  # the socket would take the queued frames now, but 1 never finished
+        conn.abort(1008, "test")
+        with anyio.fail_after(TIMEOUT):
+            await ws.closed.wait()
+        assert offsets(ws) == []  # not 2 and 3 without 1: no hole
+        assert ws.closed_with == (1008, "test")
+    ws.close_streams()

@@ -1,8 +1,13 @@
-"""The writer's wake-up: a bare asyncio future on asyncio, anyio.Event elsewhere.
+"""The writer: started for frames that must wait, parked when done, retired when idle.
 
-Each event below is published only after the client received the previous one,
-so the writer is idle (waiting on its wake-up) every time a frame is pushed.
-Both paths must deliver every frame, in order, and still close on demand.
+On asyncio a frame pushed to an idle connection is sent inline; without inline
+sends (``_asyncio_loop`` returns None, as on trio) every frame is queued for
+the writer. The in-process transport suspends in every send, so here the
+writer is started on both paths. Each event below is published only after the
+client received the previous one. Both paths must deliver every frame, in
+order, retire the writer after a heartbeat interval of idleness (an idle
+connection holds no writer task), start it again for the next frame, and still
+close on demand.
 """
 
 from __future__ import annotations
@@ -23,25 +28,33 @@ pytestmark = pytest.mark.anyio
 EVENTS = 20
 
 
-async def test_asyncio_fast_path_is_taken_on_asyncio() -> None:
+async def test_inline_sends_are_on_on_asyncio() -> None:
     assert connection_module._asyncio_loop() is asyncio.get_running_loop()
 
 
-@pytest.mark.parametrize("fast_path", [True, False], ids=["future", "anyio-event"])
-async def test_idle_writer_wakes_for_every_frame(fast_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not fast_path:
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "writer-only"])
+async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not inline:
         monkeypatch.setattr(connection_module, "_asyncio_loop", lambda: None)
-    replay = Replay(MemoryStore(), authorize=allow_all)
+    replay = Replay(MemoryStore(), authorize=allow_all, heartbeat_interval=0.2)
     async with running(make_app(replay)) as app, connect(app) as client:
         with anyio.fail_after(10):
             await client.subscribe("t")
-            for i in range(EVENTS):
-                await replay.publish("t", "tick", {"i": i})
-                [event] = await client.events(1)
-                assert (event["offset"], event["data"]) == (i + 1, {"i": i})
-            await client.nothing_pending()
-            # Abort while the writer waits: the connection's one task group stops both tasks.
             [conn] = list(replay._connections)
+            assert (conn._loop is not None) is inline
+            for round_ in range(2):
+                for i in range(EVENTS):
+                    await replay.publish("t", "tick", {"i": i})
+                    [event] = await client.events(1)
+                    assert event["offset"] == round_ * EVENTS + i + 1
+                    assert event["data"] == {"i": i}
+                assert conn._writing  # parked, not ended, between events
+                # Idle for a heartbeat interval: a ping, and the writer ends.
+                assert await client.recv(within=2) == {"type": "ping"}
+                while conn._writing:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                assert conn._wakeup is None and conn.queued == 0
+            # Abort while no writer runs: the reader stops, the close goes out.
             conn.abort(CloseCode.TRY_AGAIN_LATER, "test")
             assert await client.closed() == CloseCode.TRY_AGAIN_LATER
 
