@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -349,6 +350,7 @@ class RedisStore:
         self._by_channel: dict[str, str] = {}
         self._conn: AbstractConnection | None = None  # the pub/sub connection, when up
         self._expect: dict[str, deque[bool]] = {}  # channel -> confirmations due (True: subscribe)
+        self._reading_since: float | None = None  # when the listener's pending read began
         self._closed = False
         self._queues: dict[str, deque[_Append]] = {}  # topic -> appends waiting while one call is in flight
         #: times the listener (re)connected, and resets it had to call; for tests and metrics
@@ -841,11 +843,13 @@ class RedisStore:
             if self._topics.get(topic) is state:  # not unsubscribed meanwhile
                 await self._send(conn, "SUBSCRIBE", state.channel)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._ping, conn)
+            tg.start_soon(self._watch, conn)
             while True:
-                with anyio.fail_after(self.health_check_interval * 2 + 1):
-                    # no socket_timeout on this connection: the read blocks (the watchdog bounds it)
-                    reply = await conn.read_response(disable_decoding=True)
+                # No socket_timeout on this connection: the read blocks, _watch bounds it
+                # (one timer for the connection, not a timed scope per message).
+                self._reading_since = time.monotonic()
+                reply = await conn.read_response(disable_decoding=True)
+                self._reading_since = None
                 await self._handle(reply)
 
     async def _keep_watched_topics(self) -> None:
@@ -865,9 +869,15 @@ class RedisStore:
                     logger.debug("could not refresh the TTL of %r: %r", topic, exc)
                     break
 
-    async def _ping(self, conn: AbstractConnection) -> None:
+    async def _watch(self, conn: AbstractConnection) -> None:
+        """PING every ``health_check_interval``; a read waiting longer than two of them
+        (plus a second) means a dead link: raise, and the listener reconnects."""
+        limit = self.health_check_interval * 2 + 1
         while True:
             await anyio.sleep(self.health_check_interval)
+            since = self._reading_since
+            if since is not None and time.monotonic() - since > limit:
+                raise TimeoutError(f"no reply on the Redis pub/sub connection for {limit:g}s")
             await self._send(conn, "PING")
 
     async def _handle(self, reply: Any) -> None:
