@@ -5,13 +5,13 @@ in order (an ``ack`` is stored before the next frame is read). Frames to the
 client go out in one order, one send at a time:
 
 - Inline (asyncio): a frame pushed while nothing is queued is sent by the
-  pushing task itself (the hub's caller, the reader, the heartbeat timer), at
-  most once per connection per event-loop turn. When events come one at a time,
-  waking a task per connection per event costs about as much as the send, which
-  is all a bare broadcast loop pays.
+  pushing task itself (the hub's caller, the reader, the heartbeat timer), up
+  to ``_INLINE_PER_TURN`` frames per connection per event-loop turn. When events
+  come one at a time, waking a task per connection per event costs about as much
+  as the send, which is all a bare broadcast loop pays.
 - Otherwise the frame is queued for the *writer*, a task of the connection's
   task group started for it, which sends the queue and then parks until woken
-  for more. A burst (the frames pushed after the inline one in the same turn)
+  for more. A burst (the frames pushed past that bound in the same turn)
   goes out in one go. A send that has to wait (the socket's buffer is full) is
   handed to the writer, which finishes it first.
 
@@ -74,6 +74,11 @@ _COMPACT_AT = 256
 
 # Replies the reader may have queued before it waits for the writer.
 _REPLY_BACKLOG = 32
+
+# Inline sends per connection in one event-loop turn. A publisher that fell a few
+# events behind an open-loop schedule publishes them in one turn: still inline (as
+# a bare broadcast would send them). More is a burst: the writer batches the rest.
+_INLINE_PER_TURN = 8
 
 
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
@@ -150,6 +155,7 @@ class Connection:
         "_head",
         "_idle_since",
         "_inflight",
+        "_inline_count",
         "_inline_turn",
         "_loop",
         "_progress",
@@ -213,6 +219,7 @@ class Connection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: contextvars.Context | None = None
         self._inline_turn = -1
+        self._inline_count = 0
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
 
     def __repr__(self) -> str:
@@ -259,9 +266,11 @@ class Connection:
         if loop is None or context is None or self.close_code is not None or self._gone:
             return False
         hub = self.replay.hub
-        if self._inline_turn == hub.turn:
+        if self._inline_turn != hub.turn:
+            self._inline_turn, self._inline_count = hub.turn, 0
+        elif self._inline_count >= _INLINE_PER_TURN:
             return False  # a burst: the writer sends the rest of it in one go
-        self._inline_turn = hub.turn
+        self._inline_count += 1
         hub.used_turn(loop)
         send = self.websocket.send_text(frame)
         try:

@@ -123,7 +123,7 @@ class Hub:
         # yields once before its next append so that the writers can drain.
         self.backlogged = False
         # Event-loop turns in which a connection sent inline: a connection sends
-        # inline at most once a turn (see Connection._send_inline).
+        # only a few frames inline per turn (see Connection._send_inline).
         self.turn = 0
         self._turn_ending = False
 

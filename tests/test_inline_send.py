@@ -1,6 +1,6 @@
-"""Inline sends: a frame pushed while a connection's writer is parked is sent by
-the pushing task itself, once per connection per loop turn; the rest of a burst,
-and a send that has to wait, go through the writer, in one order.
+"""Inline sends: a frame pushed while a connection has nothing queued is sent by
+the pushing task itself, up to a few per connection per loop turn; the rest of a
+burst, and a send that has to wait, go through the writer, in one order.
 
 The fake socket's ``send_text`` completes without suspending (as uvicorn's does
 while the socket's buffer has room) unless ``stalled``; it records the task that
@@ -18,6 +18,7 @@ import anyio.lowlevel
 import pytest
 
 from starlette_replay import MemoryStore, Replay, allow_all
+from starlette_replay import connection as connection_module
 
 from .helpers import TIMEOUT, FakeWebSocket, serve_fake
 
@@ -81,24 +82,26 @@ async def test_a_parked_connection_is_sent_to_by_the_publishing_task() -> None:
     b.close_streams()
 
 
-async def test_a_burst_in_one_turn_is_sent_once_inline_then_by_the_writer() -> None:
+async def test_a_burst_in_one_turn_is_sent_inline_up_to_a_bound_then_by_the_writer() -> None:
     replay = Replay(MemoryStore(), authorize=allow_all)
     ws = FakeWebSocket()
+    inline, burst = connection_module._INLINE_PER_TURN, connection_module._INLINE_PER_TURN + 4
     async with replay, anyio.create_task_group() as tg:
         await subscribed(replay, tg, ws)
         me = asyncio.current_task()
-        for i in range(5):
+        for i in range(burst):
             await replay.publish("t", "x", i)  # a MemoryStore append never yields
-        assert offsets(ws) == [1]
-        assert replay.stats()["queued_frames"] == 4
-        await ws.wait_for(6)
-        assert offsets(ws) == [1, 2, 3, 4, 5]
-        writer = ws.senders[2]
-        assert ws.senders[1] is me and writer is not me and ws.senders[2:] == [writer] * 4
+        assert offsets(ws) == list(range(1, inline + 1))
+        assert replay.stats()["queued_frames"] == burst - inline
+        await ws.wait_for(1 + burst)
+        assert offsets(ws) == list(range(1, burst + 1))
+        writer = ws.senders[1 + inline]
+        assert ws.senders[1 : 1 + inline] == [me] * inline
+        assert writer is not me and ws.senders[1 + inline :] == [writer] * (burst - inline)
         # Parked again: the next event is inline again.
         await wait_parked(replay)
-        await replay.publish("t", "x", 5)
-        assert offsets(ws) == [1, 2, 3, 4, 5, 6] and ws.senders[-1] is me
+        await replay.publish("t", "x", burst)
+        assert offsets(ws) == list(range(1, burst + 2)) and ws.senders[-1] is me
         tg.cancel_scope.cancel()
     ws.close_streams()
 
