@@ -165,6 +165,12 @@ return 1
 """
 
 
+def _now() -> float:
+    """``anyio.current_time()`` on asyncio (the only backend of redis.asyncio), without
+    looking the backend up: it is on every append's path, several times."""
+    return asyncio.get_running_loop().time()
+
+
 def _new_epoch() -> str:
     return secrets.token_hex(8)
 
@@ -524,7 +530,7 @@ class RedisStore:
         """
         if not items:
             return []
-        request = _Append(topic, items, idempotency_key, anyio.current_time() + self.publish_timeout)
+        request = _Append(topic, items, idempotency_key, _now() + self.publish_timeout)
         queue = self._queues.get(topic)
         if queue is None:
             self._queues[topic] = deque()  # this call is the topic's sender now
@@ -563,13 +569,16 @@ class RedisStore:
         the first append's deadline); its cancellation takes effect afterwards.
         """
         try:
-            with anyio.CancelScope(shield=len(batch) > 1):
-                try:
+            try:
+                if len(batch) == 1:
                     await self._store_batch(topic, batch)
-                except Exception as exc:
-                    for request in batch:
-                        if request.events is None and request.error is None:
-                            request.error = exc
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await self._store_batch(topic, batch)
+            except Exception as exc:
+                for request in batch:
+                    if request.events is None and request.error is None:
+                        request.error = exc
         finally:
             for request in batch:
                 if request.events is None and request.error is None:  # only if the code above is wrong
@@ -594,7 +603,7 @@ class RedisStore:
 
     async def _store_batch(self, topic: str, batch: list[_Append]) -> None:
         deadline = batch[0].deadline  # the earliest: appends queue in order
-        if anyio.current_time() >= deadline:
+        if batch[0].wake is not None and _now() >= deadline:  # it queued behind other appends
             raise StoreUnavailable(
                 f"not stored: waited publish_timeout={self.publish_timeout}s behind other appends to {topic!r}"
             )
