@@ -21,8 +21,8 @@ connection holds no task but its reader.
 
 Live frames (pushed by the hub, never awaiting) count toward
 ``send_queue_size``; past it the connection is closed with 1013. Replayed
-events and replies are queued too but the reader waits for the writer to drain
-them, so they are paced by the socket and need no bound of their own.
+events and replies go the same way, but the reader waits until they have been
+sent, so they are paced by the socket and need no bound of their own.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ class Connection:
             self._scope.cancel()
 
     async def _drained(self, seq: int) -> None:
-        """Wait until the writer has sent the frame numbered ``seq``."""
+        """Wait until the frame numbered ``seq`` has been sent."""
         while self._sent < seq:
             if self._progress is None:
                 self._progress = anyio.Event()

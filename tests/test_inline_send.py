@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -57,16 +59,39 @@ async def wait_parked(replay: Replay) -> None:
             await anyio.lowlevel.checkpoint()
 
 
+@asynccontextmanager
+async def subscribers(sockets: dict[str, FakeWebSocket], **options: Any) -> AsyncIterator[Replay]:
+    """A running Replay on a MemoryStore with these fake connections (by name) subscribed to "t"."""
+    replay = Replay(MemoryStore(), authorize=allow_all, **options)
+    async with replay, anyio.create_task_group() as tg:
+        for name, ws in sockets.items():
+            await subscribed(replay, tg, ws, name)
+        yield replay
+        tg.cancel_scope.cancel()
+    for ws in sockets.values():
+        ws.close_streams()
+
+
+@asynccontextmanager
+async def one_subscriber(**options: Any) -> AsyncIterator[tuple[Replay, FakeWebSocket]]:
+    ws = FakeWebSocket()
+    async with subscribers({"c": ws}, **options) as replay:
+        yield replay, ws
+
+
+async def publish_each_in_a_turn(replay: Replay, n: int) -> None:
+    for i in range(n):
+        await replay.publish("t", "x", i)
+        await anyio.lowlevel.checkpoint()  # the next loop turn
+
+
 def offsets(ws: FakeWebSocket) -> list[int]:
     return [frame["offset"] for frame in ws.sent if frame["type"] == "event"]
 
 
 async def test_a_parked_connection_is_sent_to_by_the_publishing_task() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all)
     a, b = RecordingWebSocket(), RecordingWebSocket()
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, a, "a")
-        await subscribed(replay, tg, b, "b")
+    async with subscribers({"a": a, "b": b}) as replay:
         me = asyncio.current_task()
         for i in range(1, 4):
             await replay.publish("t", "x", i)
@@ -77,17 +102,11 @@ async def test_a_parked_connection_is_sent_to_by_the_publishing_task() -> None:
         # in the connection's context, not the publisher's
         assert a.request_ids[-3:] == ["conn-a"] * 3 and b.request_ids[-3:] == ["conn-b"] * 3
         assert replay.stats()["queued_frames"] == 0
-        tg.cancel_scope.cancel()
-    a.close_streams()
-    b.close_streams()
 
 
 async def test_a_burst_in_one_turn_is_sent_inline_up_to_a_bound_then_by_the_writer() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all)
-    ws = FakeWebSocket()
     inline, burst = connection_module._INLINE_PER_TURN, connection_module._INLINE_PER_TURN + 4
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, ws)
+    async with one_subscriber() as (replay, ws):
         me = asyncio.current_task()
         for i in range(burst):
             await replay.publish("t", "x", i)  # a MemoryStore append never yields
@@ -102,19 +121,12 @@ async def test_a_burst_in_one_turn_is_sent_inline_up_to_a_bound_then_by_the_writ
         await wait_parked(replay)
         await replay.publish("t", "x", burst)
         assert offsets(ws) == list(range(1, burst + 2)) and ws.senders[-1] is me
-        tg.cancel_scope.cancel()
-    ws.close_streams()
 
 
 async def test_an_inline_send_that_waits_is_finished_by_the_writer_before_the_queue() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all, send_queue_size=100)
-    ws = FakeWebSocket()
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, ws)
+    async with one_subscriber(send_queue_size=100) as (replay, ws):
         ws.stalled = True
-        for i in range(5):
-            await replay.publish("t", "x", i)
-            await anyio.sleep(0.01)  # a new turn each time: only the stalled send is in flight
+        await publish_each_in_a_turn(replay, 5)  # only the first send is in flight, stalled
         assert offsets(ws) == []
         assert len(ws.texts) == 2  # the stalled first event and the subscribed reply
         assert replay.stats()["queued_frames"] == 4  # the rest waits in the queue, counted
@@ -126,32 +138,21 @@ async def test_an_inline_send_that_waits_is_finished_by_the_writer_before_the_qu
         await wait_parked(replay)
         await replay.publish("t", "x", 5)
         assert offsets(ws) == [1, 2, 3, 4, 5, 6]
-        tg.cancel_scope.cancel()
-    ws.close_streams()
 
 
 async def test_a_slow_consumer_is_still_closed_when_its_first_send_waits() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all, send_queue_size=4)
-    ws = FakeWebSocket()
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, ws)
+    async with one_subscriber(send_queue_size=4) as (replay, ws):
         ws.stalled = True
-        for i in range(6):
-            await replay.publish("t", "x", i)
-            await anyio.sleep(0.01)
+        await publish_each_in_a_turn(replay, 6)
         with anyio.fail_after(TIMEOUT):
             await ws.closed.wait()
         assert ws.closed_with is not None and ws.closed_with[0] == 1013
-    ws.close_streams()
     assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
 async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all)
     gone, ok = FakeWebSocket(), FakeWebSocket()
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, gone, "gone")
-        await subscribed(replay, tg, ok, "ok")
+    async with subscribers({"gone": gone, "ok": ok}) as replay:
         gone.fail = True
         await replay.publish("t", "x", 0)  # does not raise
         with anyio.fail_after(TIMEOUT):
@@ -161,16 +162,10 @@ async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:
         await anyio.lowlevel.checkpoint()  # the next loop turn
         await replay.publish("t", "x", 1)
         assert offsets(ok) == [1, 2]
-        tg.cancel_scope.cancel()
-    gone.close_streams()
-    ok.close_streams()
 
 
 async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all)
-    ws = FakeWebSocket()
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, ws)
+    async with one_subscriber() as (replay, ws):
         [conn] = list(replay._connections)
         for i in range(3):
             await replay.publish("t", "x", i)  # one inline, two queued for a writer that has not run
@@ -179,14 +174,10 @@ async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None
             await ws.closed.wait()
         assert offsets(ws) == [1, 2, 3]
         assert ws.closed_with == (1008, "test")
-    ws.close_streams()
 
 
 async def test_nothing_goes_out_after_a_send_that_did_not_finish() -> None:
-    replay = Replay(MemoryStore(), authorize=allow_all)
-    ws = FakeWebSocket()
-    async with replay, anyio.create_task_group() as tg:
-        await subscribed(replay, tg, ws)
+    async with one_subscriber() as (replay, ws):
         [conn] = list(replay._connections)
         ws.stalled = True
         for i in range(3):
@@ -199,4 +190,3 @@ async def test_nothing_goes_out_after_a_send_that_did_not_finish() -> None:
             await ws.closed.wait()
         assert offsets(ws) == []  # not 2 and 3 without 1: no hole
         assert ws.closed_with == (1008, "test")
-    ws.close_streams()
