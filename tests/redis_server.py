@@ -19,16 +19,18 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
-from starlette_replay import Event, RedisStore
+from starlette_replay import Event, EventStore, RedisStore
 
-__all__ = ["RecordingSink", "RedisServer", "connected", "free_port", "redis_server", "redis_server_factory"]
+__all__ = ["RecordingSink", "RedisServer", "attached", "connected", "free_port", "redis_server", "redis_server_factory"]
+
+S = TypeVar("S", bound=EventStore)
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -199,13 +201,17 @@ class RecordingSink:
 
 
 @asynccontextmanager
-async def connected(url: str, **options: Any) -> AsyncIterator[tuple[RedisStore, RecordingSink]]:
-    """A RedisStore on ``url`` (``publish_timeout`` 3 s unless given), connected to a :class:`RecordingSink`."""
-    options.setdefault("publish_timeout", 3)
-    store = RedisStore.from_url(url, **options)
+async def attached(store: S) -> AsyncIterator[tuple[S, RecordingSink]]:
+    """``store`` connected to a :class:`RecordingSink`, and closed afterwards."""
     sink = RecordingSink()
     try:
         async with store.connect(sink):
             yield store, sink
     finally:
         await store.aclose()
+
+
+def connected(url: str, **options: Any) -> AbstractAsyncContextManager[tuple[RedisStore, RecordingSink]]:
+    """A RedisStore on ``url`` (``publish_timeout`` 3 s unless given), :func:`attached`."""
+    options.setdefault("publish_timeout", 3)
+    return attached(RedisStore.from_url(url, **options))

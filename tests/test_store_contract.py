@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from starlette_replay import Cursor, EventStore, MemoryStore, RedisStore
-from tests.redis_server import RecordingSink, RedisServer, redis_server  # noqa: F401
+from tests.redis_server import RecordingSink, RedisServer, attached, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 
@@ -38,12 +38,8 @@ def open_store(backend: str, request: pytest.FixtureRequest) -> Any:
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
             store = RedisStore.from_url(server.url, prefix=f"t{secrets.token_hex(4)}", publish_timeout=5, **options)
-        sink = RecordingSink()
-        try:
-            async with store.connect(sink):
-                yield store, sink
-        finally:
-            await store.aclose()
+        async with attached(store) as opened:
+            yield opened
 
     return open_
 

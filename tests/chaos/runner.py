@@ -42,12 +42,10 @@ logs a traceback (ERROR lines are counted and reported).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -58,17 +56,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.typing import Subprotocol
 
 from starlette_replay import Event, RedisStore, Replay, ReplayError
+from tests.e2e.client import open_socket
 from tests.redis_server import RedisServer
 from tests.servers import UvicornServer
 
 __all__ = ["ChaosReport", "run_chaos"]
 
-SUBPROTOCOLS = [Subprotocol("replay.v1")]
 FAULTS = ("kill_worker", "restart_redis", "kill_listener", "pause_client")
 BURST = 300  # large events published at once to a paused client's topic
 
@@ -188,24 +185,9 @@ class ChaosClient:
 
     async def _session(self, server: UvicornServer, stop: anyio.Event) -> None:
         # A small receive buffer: a client that stops reading soon holds up the server's writer.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-        sock.setblocking(False)
-        try:
-            with anyio.fail_after(5):
-                await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port or 0))
-        except BaseException:
-            sock.close()
-            raise
-        async with connect(
-            server.ws_url(),
-            sock=sock,
-            subprotocols=SUBPROTOCOLS,
-            compression=None,
-            ping_interval=None,
-            max_queue=4,
-            open_timeout=5,
-        ) as ws:
+        # websockets' own max_size and close_timeout, as this runner always had.
+        ws = await open_socket(server.ws_url(), rcvbuf=8192, max_queue=4, max_size=2**20, close_timeout=10)
+        async with ws:
             self.ws = ws
             self.report.sessions += 1
             for topic in self.topics:
@@ -320,26 +302,13 @@ async def faults(
     done: anyio.Event,
     bursts: list[str],
 ) -> None:
-    await _faults(rng, redis_server, workers, clients, stop, report, bursts)
-    done.set()
-
-
-async def _faults(
-    rng: random.Random,
-    redis_server: RedisServer,
-    workers: list[UvicornServer],
-    clients: list[ChaosClient],
-    stop: anyio.Event,
-    report: ChaosReport,
-    bursts: list[str],
-) -> None:
     t0 = time.monotonic()
     first = rng.sample(FAULTS, len(FAULTS))
     while not stop.is_set():
         with anyio.move_on_after(rng.uniform(1.5, 4.0)):
             await stop.wait()
         if stop.is_set():
-            return
+            break
         # Each kind once first (in a random order), so that even a short run has them all.
         fault = first.pop() if first else rng.choice(FAULTS)
         report.faults[fault] += 1
@@ -362,6 +331,7 @@ async def _faults(
             client = rng.choice(clients)
             client.pause(rng.uniform(2.0, 5.0))
             bursts.append(rng.choice(client.topics))
+    done.set()
 
 
 def check(

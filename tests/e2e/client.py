@@ -45,6 +45,7 @@ async def open_socket(
     rcvbuf: int | None = None,
     max_queue: int | None = 16,
     max_size: int | None = 2**22,
+    close_timeout: float | None = 2,
     **kwargs: Any,
 ) -> ClientConnection:
     """Open a client socket: ``replay.v1``, no compression (traps.md), no keepalive pings, no proxy.
@@ -74,7 +75,7 @@ async def open_socket(
         proxy=None,
         ping_interval=None,
         open_timeout=5,
-        close_timeout=2,
+        close_timeout=close_timeout,
         max_queue=max_queue,
         max_size=max_size,
         **kwargs,
