@@ -28,7 +28,7 @@ pytestmark = pytest.mark.anyio
 EVENTS = 20
 
 
-async def test_inline_sends_are_on_on_asyncio() -> None:
+async def test_inline_sends_are_enabled_on_asyncio() -> None:
     assert connection_module._asyncio_loop() is asyncio.get_running_loop()
 
 
