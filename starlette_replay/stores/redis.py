@@ -8,8 +8,10 @@ topic has none (the epoch comes from Python's ``secrets``: Redis 7.0's Lua
 are the offsets (``<offset>-0``), trims to ``history_size`` exactly, refreshes
 ``history_ttl`` and PUBLISHes the events, all in one step.
 
-Live fan-out runs on one dedicated pub/sub connection per store (never one of the
-command pool), speaking RESP2. A listener task tracks the last offset delivered
+Commands run on connections of the store's own, made with the client's settings
+(never taken from its pool) and without a socket timeout: ``publish_timeout``
+bounds each command. Live fan-out runs on one dedicated pub/sub connection per
+store, speaking RESP2. A listener task tracks the last offset delivered
 per topic, repairs any hole from the stream, and after a reconnect repairs every
 topic from where it stood; when it cannot (epoch changed, history trimmed) it
 calls ``sink.reset(topic)``.
@@ -21,10 +23,12 @@ works without it; constructing a store without it raises ``ImportError``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import secrets
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -212,12 +216,32 @@ class _State:
         self.ready = anyio.Event()
 
 
-def _get_connection(pool: Any) -> Any:
-    """``pool.get_connection()`` across redis-py versions (before 5.3 it needs a command name)."""
-    try:
-        return pool.get_connection()
-    except TypeError:
-        return pool.get_connection("EVALSHA")
+if sys.version_info >= (3, 11):
+    _deadline = asyncio.timeout_at  # an anyio cancel scope costs ~10x more, on every command
+else:  # pragma: no cover - Python 3.10
+
+    @asynccontextmanager
+    async def _deadline(when: float) -> AsyncIterator[None]:
+        with anyio.fail_at(when):
+            yield
+
+
+_IDLE_CONNECTIONS = 16  # command connections kept open between commands, at most
+
+
+@functools.cache
+def _redis_errors() -> Any:
+    """redis-py's exception classes (redis is imported lazily, once)."""
+    import redis.exceptions
+
+    return redis.exceptions
+
+
+def _at_eof(conn: AbstractConnection) -> bool:
+    """Whether Redis closed this idle connection (a restart, its ``timeout``): nothing
+    can be read from it any more, so it is reopened before a command is sent on it."""
+    reader = getattr(conn, "_reader", None)
+    return reader is None or reader.at_eof()
 
 
 def _config(reply: Any) -> str:
@@ -358,6 +382,7 @@ class RedisStore:
         self._expect: dict[str, deque[bool]] = {}  # channel -> confirmations due (True: subscribe)
         self._reading_since: float | None = None  # when the listener's pending read began
         self._closed = False
+        self._idle: list[AbstractConnection] = []  # command connections between commands
         self._queues: dict[str, deque[_Append]] = {}  # topic -> appends waiting while one call is in flight
         #: times the listener (re)connected, and resets it had to call; for tests and metrics
         self.reconnects = 0
@@ -393,7 +418,6 @@ class RedisStore:
         check_seconds("publish_timeout", publish_timeout)
         options: dict[str, Any] = {
             "socket_connect_timeout": min(float(publish_timeout), 5.0),
-            "socket_timeout": float(publish_timeout),
             "retry": Retry(NoBackoff(), 0),
         }
         options.update(redis_options)
@@ -430,59 +454,86 @@ class RedisStore:
 
     # --- commands --------------------------------------------------------------------
 
+    def _new_connection(self, **overrides: Any) -> AbstractConnection:
+        """A connection of the store's own, with the client's settings but no socket
+        timeout (``publish_timeout`` and the listener's watchdog bound every wait)."""
+        pool = self._client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(socket_timeout=None, health_check_interval=0, **overrides)
+        if "maint_notifications_config" in kwargs:  # redis-py 8: cluster maintenance pushes, RESP3 only
+            kwargs["maint_notifications_config"] = None
+        kwargs.pop("maint_notifications_pool_handler", None)
+        conn: AbstractConnection = pool.connection_class(**kwargs)
+        return conn
+
     async def _execute(self, *args: Any, retry: bool = True, deadline: float | None = None) -> Any:
-        """Run one command on a pooled connection, within ``publish_timeout``.
+        """Run one command on one of the store's command connections, within ``publish_timeout``.
 
         Retries when the command cannot have reached Redis (no connection), and
         also after a send when ``retry`` says the command is safe to run twice.
-        ``deadline`` (``anyio.current_time()`` clock) replaces ``publish_timeout`` from now.
+        ``deadline`` (the event loop's clock) replaces ``publish_timeout`` from now.
         """
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import NoScriptError, RedisError, ResponseError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
-        pool = self._client.connection_pool
+        errors = _redis_errors()
         attempt = 0
         last_error: BaseException | None = None
         try:
-            with anyio.fail_after(self.publish_timeout) if deadline is None else anyio.fail_at(deadline):
+            async with _deadline(_now() + self.publish_timeout if deadline is None else deadline):
                 while True:
                     attempt += 1
+                    idle = self._idle
+                    conn = idle.pop() if idle else self._new_connection()
                     try:
-                        conn = await _get_connection(pool)
-                    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                        if not conn.is_connected or _at_eof(conn):  # new, or closed by Redis while idle
+                            await conn.disconnect(nowait=True)
+                            await conn.connect()  # type: ignore[no-untyped-call]
+                    except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
                         last_error = exc
+                        with anyio.CancelScope(shield=True):
+                            await conn.disconnect(nowait=True)
                         await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
                         continue
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            await conn.disconnect(nowait=True)
+                        raise
                     try:
-                        await conn.send_command(*args)
-                        return await conn.read_response(disable_decoding=True)
-                    except ResponseError:
-                        raise  # a complete reply: the connection stays usable
+                        await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                        reply = await conn.read_response(disable_decoding=True)
+                    except errors.ResponseError:
+                        await self._release(conn)  # a complete reply: the connection stays usable
+                        raise
                     except BaseException as exc:
                         with anyio.CancelScope(shield=True):
                             await conn.disconnect(nowait=True)
-                        if not isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+                        if not isinstance(exc, errors.ConnectionError | errors.TimeoutError | OSError):
                             raise
                         last_error = exc
                         if not retry:
                             raise StoreUnavailable(
                                 f"lost Redis while waiting for a reply (the write may or may not be stored): {exc}"
                             ) from exc
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await pool.release(conn)
+                    else:
+                        await self._release(conn)
+                        return reply
                     await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
         except TimeoutError as exc:
             raise StoreUnavailable(
                 f"Redis did not answer within publish_timeout={self.publish_timeout}s (last error: {last_error!r})"
             ) from (last_error or exc)
-        except NoScriptError:
+        except errors.NoScriptError:
             raise  # for _eval, which then sends the script's body
-        except ResponseError as exc:
+        except errors.ResponseError as exc:
             raise StoreError(f"Redis refused {_text(args[0])}: {exc}") from exc
-        except RedisError as exc:
+        except errors.RedisError as exc:
             raise StoreError(f"Redis failed: {exc}") from exc
+
+    async def _release(self, conn: AbstractConnection) -> None:
+        """Keep a connection that finished its exchange for the next command (a few at most)."""
+        if not self._closed and len(self._idle) < _IDLE_CONNECTIONS:
+            self._idle.append(conn)
+        else:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect(nowait=True)
 
     async def _eval(
         self,
@@ -493,11 +544,9 @@ class RedisStore:
         retry: bool = True,
         deadline: float | None = None,
     ) -> Any:
-        from redis.exceptions import NoScriptError
-
         try:
             return await self._execute("EVALSHA", script.sha, len(keys), *keys, *args, retry=retry, deadline=deadline)
-        except NoScriptError:
+        except _redis_errors().NoScriptError:
             # not run: safe to send the body (it is cached for the next EVALSHA)
             return await self._execute("EVAL", script.body, len(keys), *keys, *args, retry=retry, deadline=deadline)
 
@@ -711,12 +760,22 @@ class RedisStore:
             if conn is not None:
                 with anyio.CancelScope(shield=True):
                     await conn.disconnect(nowait=True)
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        """Close the command connections kept between commands (a later command opens one)."""
+        idle, self._idle = self._idle, []
+        with anyio.CancelScope(shield=True):
+            for conn in idle:
+                await conn.disconnect(nowait=True)
 
     async def aclose(self) -> None:
-        """Close the client if this store made it (``from_url``). Safe to call twice."""
+        """Close the store's connections, and the client if this store made it
+        (``from_url``). Safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        await self._close_idle()
         if self._owns_client:
             with anyio.CancelScope(shield=True):
                 await self._client.aclose()
@@ -827,15 +886,9 @@ class RedisStore:
             await anyio.sleep(min(2.0, 0.05 * 2 ** min(failures - 1, 6)) * random.uniform(0.5, 1.0))
 
     async def _listen_once(self) -> None:
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
         # RESP2: plain arrays for pub/sub (redis-py 8's RESP3 push path is another beast);
         # no read timeout (the pinger and the watchdog below see a dead link).
-        kwargs.update(protocol=2, socket_timeout=None, health_check_interval=0)
-        if "maint_notifications_config" in kwargs:  # redis-py 8: RESP3 only
-            kwargs["maint_notifications_config"] = None
-        kwargs.pop("maint_notifications_pool_handler", None)
-        conn = pool.connection_class(**kwargs)
+        conn = self._new_connection(protocol=2)
         try:
             with anyio.fail_after(self.publish_timeout):
                 await conn.connect()  # type: ignore[no-untyped-call]

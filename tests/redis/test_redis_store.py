@@ -107,9 +107,10 @@ async def test_a_skipped_live_message_is_repaired_from_the_stream(redis_server: 
         assert store.reconnects == reconnects
 
 
-async def test_a_given_client_keeps_its_pool_for_commands_and_stays_open(redis_server: RedisServer) -> None:
-    # RESP3 and decoded responses on the app's client; a pool of one connection:
-    # the listener must not take it, and aclose() must not close it.
+async def test_a_given_client_lends_its_settings_and_stays_open(redis_server: RedisServer) -> None:
+    # RESP3 and decoded responses on the app's client, a pool of one connection: the
+    # store opens connections of its own with those settings, takes none from the
+    # pool, and aclose() closes them but not the client.
     client = redis.asyncio.Redis(
         host="127.0.0.1", port=redis_server.port, protocol=3, decode_responses=True, max_connections=1
     )
@@ -125,10 +126,47 @@ async def test_a_given_client_keeps_its_pool_for_commands_and_stays_open(redis_s
             assert await store.read("t", 0, 10) == published
             await store.save_cursor("i", "t", Cursor(published[0].epoch, 2))
             assert await store.load_cursor("i", "t") == Cursor(published[0].epoch, 2)
+            assert await client.ping() is True  # its one pooled connection was free all along
         await store.aclose()
         assert await client.ping() is True
     finally:
         await client.aclose()
+
+
+def _store_connections(server: RedisServer, prefix: str) -> int:
+    """Connections to ``server`` named after a store's client (``client_name``)."""
+    with server.client() as client:
+        return sum(1 for info in client.client_list() if info["name"] == prefix)
+
+
+async def test_command_connections_are_kept_few_and_closed_by_aclose(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix="few", publish_timeout=3, client_name="few")
+    async with anyio.create_task_group() as tg:
+        for i in range(40):  # forty commands at once: forty connections
+            tg.start_soon(store.position, f"t{i}")
+    with anyio.fail_after(5):
+        while _store_connections(redis_server, "few") > 16:  # noqa: ASYNC110 - the rest are closed once done
+            await anyio.sleep(0.02)
+    assert _store_connections(redis_server, "few") == 16
+    await store.position("t")
+    assert _store_connections(redis_server, "few") == 16  # reused, none opened
+    await store.aclose()
+    with anyio.fail_after(5):
+        while _store_connections(redis_server, "few"):  # noqa: ASYNC110 - the closes reach Redis
+            await anyio.sleep(0.02)
+
+
+async def test_an_idle_connection_closed_by_redis_is_reopened_before_a_command(redis_server: RedisServer) -> None:
+    # An unkeyed append is never retried once sent: sent on a connection Redis had
+    # closed while it sat idle, it would fail with "may or may not be stored".
+    async with connected(redis_server.url, prefix="stale", client_name="stale") as (store, _):
+        await store.append("t", [("e", "0")])
+        with redis_server.client() as client:
+            killed = client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed >= 1
+        await anyio.sleep(0.1)  # the close reaches the store's idle connection
+        (event,) = await store.append("t", [("e", "1")])
+        assert event.offset == 2
 
 
 async def test_startup_warns_about_lost_writes_and_eviction(
