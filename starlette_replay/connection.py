@@ -272,7 +272,7 @@ class Connection:
             return False  # a burst: the writer sends the rest of it in one go
         self._inline_count += 1
         hub.used_turn(loop)
-        send = self.websocket.send_text(frame)
+        send = self.websocket.send({"type": "websocket.send", "text": frame})
         try:
             yielded = context.run(send.send, None)
         except StopIteration:
@@ -384,7 +384,7 @@ class Connection:
         """
         queue, context = self._queue, self._context
         while not self._unfinished and self._head < len(queue) and context is not None:
-            send = self.websocket.send_text(queue[self._head][0])
+            send = self.websocket.send({"type": "websocket.send", "text": queue[self._head][0]})
             try:
                 context.run(send.send, None)
             except StopIteration:
@@ -398,7 +398,7 @@ class Connection:
 
     async def _send(self, frame: str) -> bool:
         try:
-            await self.websocket.send_text(frame)
+            await self.websocket.send({"type": "websocket.send", "text": frame})
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
             self._lost(exc)
             return False

@@ -194,10 +194,10 @@ async def serve_fake(replay: Replay, ws: FakeWebSocket, name: str) -> None:
 
 
 class FakeWebSocket:
-    """Just what Connection uses; ``send_text`` blocks while ``stalled``."""
+    """Just what Connection uses; ``send`` blocks while ``stalled``."""
 
     def __init__(self) -> None:
-        self.fail = False  # send_text raises, as when the peer is gone
+        self.fail = False  # send raises, as when the peer is gone
         self.senders: list[asyncio.Task[Any] | None] = []  # the task that sent each frame
         self.inbox_send: MemoryObjectSendStream[dict[str, Any]]
         self.inbox: MemoryObjectReceiveStream[dict[str, Any]]
@@ -217,7 +217,9 @@ class FakeWebSocket:
         except anyio.EndOfStream:
             return {"type": "websocket.disconnect", "code": 1000}
 
-    async def send_text(self, text: str) -> None:
+    async def send(self, message: dict[str, Any]) -> None:
+        assert message["type"] == "websocket.send", message
+        text = message["text"]
         if self.fail:
             raise OSError("peer gone")
         self.senders.append(asyncio.current_task())

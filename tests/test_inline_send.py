@@ -2,7 +2,7 @@
 the pushing task itself, up to a few per connection per loop turn; the rest of a
 burst, and a send that has to wait, go through the writer, in one order.
 
-The fake socket's ``send_text`` completes without suspending (as uvicorn's does
+The fake socket's ``send`` completes without suspending (as uvicorn's does
 while the socket's buffer has room) unless ``stalled``; it records the task that
 sent each frame.
 """
@@ -36,9 +36,9 @@ class RecordingWebSocket(FakeWebSocket):
         super().__init__()
         self.request_ids: list[str] = []
 
-    async def send_text(self, text: str) -> None:
+    async def send(self, message: dict[str, Any]) -> None:
         self.request_ids.append(request_id.get())
-        await super().send_text(text)
+        await super().send(message)
 
 
 async def subscribed(replay: Replay, tg: Any, ws: FakeWebSocket, name: str = "c") -> None:
