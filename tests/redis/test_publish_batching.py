@@ -220,3 +220,32 @@ async def test_a_cancelled_waiter_loses_no_one_elses_event(redis_server_factory:
             (event,) = results[name]
             assert stored[event.offset - 1] == event
         assert results["c"][0].offset < results["d"][0].offset  # queue order kept
+
+
+async def test_a_queued_append_gives_up_when_the_call_in_flight_never_hands_over(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The safety net behind the hand-over: were the call in flight to hang past its
+    # own deadline (a bug), an append queued behind it still fails in bounded time,
+    # saying nothing was stored, instead of waiting forever.
+    timeout = 0.2
+    async with connected(redis_server.url, publish_timeout=timeout) as (store, _sink):
+        in_flight = anyio.Event()
+
+        async def hang(topic: str, batch: list[Any]) -> None:
+            in_flight.set()
+            await anyio.sleep_forever()
+
+        monkeypatch.setattr(store, "_store_batch", hang)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.append, "t", items(("first", 1)))
+            await in_flight.wait()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="not stored: no turn"):
+                await store.append("t", items(("second", 2)))
+            elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
+        assert 2 * timeout + 1 - 0.1 <= elapsed < 2 * timeout + 1 + 1.5  # generous: CI machines are loaded
+        monkeypatch.undo()
+        (event,) = await store.append("t", items(("third", 3)))  # the queue was handed on: appends work
+        assert event.offset == 1
