@@ -150,6 +150,10 @@ def check_event_type(event_type: object) -> str:
     return event_type
 
 
+# json.dumps with options builds an encoder per call; this one is built once
+_DATA_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode_data(data: Any) -> str:
     """Encode an event payload to compact JSON text, or raise :class:`InvalidEvent`.
 
@@ -157,7 +161,7 @@ def encode_data(data: Any) -> str:
     lone surrogates (they cannot be sent as UTF-8).
     """
     try:
-        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        raw = _DATA_ENCODER.encode(data)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(f"data is not JSON-serialisable: {exc}") from None
     if not raw.isascii():
@@ -335,8 +339,11 @@ def encode_client_frame(frame: ClientFrame) -> str:
 # --- server frames -------------------------------------------------------------------
 
 
+_FRAME_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return _FRAME_ENCODER.encode(obj)
 
 
 def _with_ref(obj: dict[str, Any], ref: Ref | None) -> dict[str, Any]:
