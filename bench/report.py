@@ -49,6 +49,9 @@ def markdown(benchmark: str, result: dict[str, Any]) -> str:
     head = [*keys, "contender", f"median {label}", f"ratio to {baseline}"]
     if benchmark == "latency":
         head += ["p50 ms", "max ms"]
+    cpu = benchmark == "fanout" and all("cpu_us" in e for e in result["table"])
+    if cpu:
+        head.append("server CPU µs/event")
     if benchmark in ("fanout", "latency", "catchup"):
         head += ["gaps", "dups", "server closes"]
     head.append("runs")
@@ -60,6 +63,8 @@ def markdown(benchmark: str, result: dict[str, Any]) -> str:
         cells.append("-" if entry["ratio"] is None else f"{entry['ratio']:.2f}x")
         if benchmark == "latency":
             cells += [f"{entry['p50']:.2f}", f"{entry['max']:.2f}"]
+        if cpu:
+            cells.append(f"{entry['cpu_us']:,.0f}")
         if benchmark in ("fanout", "latency", "catchup"):
             cells += [str(entry["gaps"]), str(entry["duplicates"]), str(entry.get("closes", 0))]
         cells.append(str(entry["runs"]))

@@ -184,6 +184,11 @@ class Server:
     def ws(self, path: str = "/ws") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -291,11 +296,14 @@ def bench_fanout(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
             for contender in _runnable(cfg, list(CONTENDERS)):
                 with server(contender, redis_url, workdir) as srv:
                     warm_up(srv)
+                    cpu = srv.cpu_seconds()
                     r = client(srv, "--clients", str(clients), "--events", str(events), "--topic", topic())
+                    # the whole client run: its handshakes and subscribes too, not only the events
+                    r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / events
                 cfg.log(
                     f"  fanout rep {rep} N={clients} {contender.name}: {r['rate']:.0f} ev/s "
                     f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
-                    f"closes {r['closes']})"
+                    f"closes {r['closes']}), server CPU {r['server_cpu_us']:.0f} µs per event"
                 )
                 rows.append({"contender": contender.name, "rep": rep, "clients": clients, **r})
     return rows
@@ -468,6 +476,8 @@ def summarize(benchmark: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]
             if benchmark == "latency":
                 for extra in ("p50", "max"):
                     entry[extra] = statistics.median(_figure(r, extra) for r in runs)
+            if benchmark == "fanout" and all("server_cpu_us" in r for r in runs):
+                entry["cpu_us"] = statistics.median(r["server_cpu_us"] for r in runs)
             if benchmark in ("fanout", "latency", "catchup"):
                 entry["gaps"] = sum(r["gaps"] for r in runs)
                 entry["duplicates"] = sum(r["duplicates"] for r in runs)
@@ -486,6 +496,8 @@ def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
         extra = ""
         if benchmark == "latency":
             extra = f"  p50 {entry['p50']:.2f} ms  max {entry['max']:.2f} ms"
+        if "cpu_us" in entry:
+            extra = f"  server CPU {entry['cpu_us']:.0f} µs/event"
         if "gaps" in entry:
             extra += f"  gaps {entry['gaps']} dups {entry['duplicates']} short runs {entry['short']}"
             extra += f" server closes {entry['closes']}"
