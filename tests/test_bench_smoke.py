@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench import micro
 from bench.run import CONTENDERS, Config, available, run_benchmark
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -51,6 +52,8 @@ def test_fanout() -> None:
     result = quick("fanout", OURS)
     check_delivery(result, OURS)
     check_ratios(result, "bare")
+    assert all(row["server_cpu_us"] >= 0 for row in result["rows"])
+    assert all(entry["cpu_us"] >= 0 for entry in result["table"])
 
 
 def test_latency() -> None:
@@ -86,6 +89,12 @@ def test_memory() -> None:
     for row in result["rows"]:
         assert row["connections"] == 20 and row["rss_after_kib"] > 0, row
     assert {entry["contender"] for entry in result["table"]} == {"bare", "replay-memory"}
+
+
+@pytest.mark.parametrize(("what", "n"), [("frames", 30), ("append", 60), ("append50", 100)])
+def test_micro(what: str, n: int) -> None:
+    medians = micro.measure(what, n, reps=1)
+    assert len(medians) == 2 and all(value > 0 for value in medians.values()), medians
 
 
 @pytest.mark.parametrize("peer", PEERS)
