@@ -231,3 +231,29 @@ async def test_a_watched_topic_does_not_expire_but_an_unwatched_one_does(redis_s
 def test_a_client_without_a_connection_pool_is_refused() -> None:
     with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
         RedisStore(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("PING",),
+        ("EVALSHA", "a" * 40, 4, "k:{t}:meta", "", 0, -1, 10_000, b"\x00\xff raw", '{"text":"héllo ☃ 𝄞"}'),
+        ("HMGET", "replay:{user:42}:cursor:alice", "e", "o"),
+        ("SET", "k", 1.5, "PX", 100),
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from starlette_replay.stores.redis import _pack_in_python, _packer
+
+    expected = b"".join(Connection().pack_command(*args))
+    assert _pack_in_python(args) == expected
+    assert _packer()(args) == expected  # hiredis's, where installed (it is, with the redis extra)
+
+
+def test_packing_refuses_what_is_not_a_redis_argument() -> None:
+    from starlette_replay.stores.redis import _pack_in_python
+
+    with pytest.raises(TypeError, match="NoneType"):
+        _pack_in_python(("SET", "k", None))
