@@ -267,6 +267,12 @@ def _packer() -> Any:
     return pack_command
 
 
+async def _drop(conn: AbstractConnection) -> None:
+    """Close ``conn`` without waiting for Redis, even where the caller is cancelled."""
+    with anyio.CancelScope(shield=True):
+        await conn.disconnect(nowait=True)
+
+
 def _at_eof(conn: AbstractConnection) -> bool:
     """Whether Redis closed this idle connection (a restart, its ``timeout``): nothing
     can be read from it any more, so it is reopened before a command is sent on it."""
@@ -518,6 +524,7 @@ class RedisStore:
         ``deadline`` (the event loop's clock) replaces ``publish_timeout`` from now.
         """
         errors = _redis_errors()
+        lost = (errors.ConnectionError, errors.TimeoutError, OSError)  # no (complete) reply: retry if safe
         attempt = 0
         last_error: BaseException | None = None
         try:
@@ -530,16 +537,13 @@ class RedisStore:
                         if not conn.is_connected or _at_eof(conn):  # new, or closed by Redis while idle
                             await conn.disconnect(nowait=True)
                             await conn.connect()  # type: ignore[no-untyped-call]
-                    except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
+                    except BaseException as exc:
+                        await _drop(conn)
+                        if not isinstance(exc, lost):
+                            raise
                         last_error = exc
-                        with anyio.CancelScope(shield=True):
-                            await conn.disconnect(nowait=True)
                         await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
                         continue
-                    except BaseException:
-                        with anyio.CancelScope(shield=True):
-                            await conn.disconnect(nowait=True)
-                        raise
                     try:
                         await conn.send_packed_command(_packer()(args), check_health=False)
                         reply = await conn.read_response(disable_decoding=True)
@@ -547,9 +551,8 @@ class RedisStore:
                         await self._release(conn)  # a complete reply: the connection stays usable
                         raise
                     except BaseException as exc:
-                        with anyio.CancelScope(shield=True):
-                            await conn.disconnect(nowait=True)
-                        if not isinstance(exc, errors.ConnectionError | errors.TimeoutError | OSError):
+                        await _drop(conn)
+                        if not isinstance(exc, lost):
                             raise
                         last_error = exc
                         if not retry:
@@ -576,8 +579,7 @@ class RedisStore:
         if not self._closed and len(self._idle) < _IDLE_CONNECTIONS:
             self._idle.append(conn)
         else:
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
+            await _drop(conn)
 
     async def _eval(
         self,
@@ -804,16 +806,14 @@ class RedisStore:
             self._by_channel.clear()
             conn, self._conn = self._conn, None
             if conn is not None:
-                with anyio.CancelScope(shield=True):
-                    await conn.disconnect(nowait=True)
+                await _drop(conn)
             await self._close_idle()
 
     async def _close_idle(self) -> None:
         """Close the command connections kept between commands (a later command opens one)."""
         idle, self._idle = self._idle, []
-        with anyio.CancelScope(shield=True):
-            for conn in idle:
-                await conn.disconnect(nowait=True)
+        for conn in idle:
+            await _drop(conn)
 
     async def aclose(self) -> None:
         """Close the store's connections, and the client if this store made it
@@ -901,8 +901,7 @@ class RedisStore:
                 await conn.send_packed_command(_packer()(args), check_health=False)
         except Exception as exc:
             logger.debug("sending %s on the pub/sub connection failed: %r", args[0], exc)
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
+            await _drop(conn)
 
     async def _listen(self) -> None:
         from redis.exceptions import RedisError
@@ -924,8 +923,7 @@ class RedisStore:
             finally:
                 conn, self._conn = self._conn, None
                 if conn is not None:
-                    with anyio.CancelScope(shield=True):
-                        await conn.disconnect(nowait=True)
+                    await _drop(conn)
             # Jittered, bounded backoff: 50 ms doubling up to 2 s, from the start
             # again once a connection was made (Redis is up: come back quickly).
             failures = 1 if self.reconnects != connected else failures + 1
@@ -939,8 +937,7 @@ class RedisStore:
             with anyio.fail_after(self.publish_timeout):
                 await conn.connect()  # type: ignore[no-untyped-call]
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
+            await _drop(conn)
             raise
         self._conn = conn
         self._expect = {}  # confirmations due on this connection
