@@ -28,11 +28,11 @@ from typing import Any
 
 import anyio
 import uvloop
+from starlette.websockets import WebSocket
 
 from bench.run import redis_server
 from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
 from starlette_replay.stores.redis import _APPEND_BATCH
-from tests.helpers import FakeWebSocket, serve_fake
 
 
 def _data(i: int) -> str:
@@ -84,32 +84,71 @@ async def _appends(url: str, n: int, callers: int) -> dict[str, float]:
         await raw.aclose()
 
 
-class _Sink(FakeWebSocket):
-    """Records the subscription reply, then drops every frame."""
+class _Peer:
+    """The ASGI side of one WebSocket with no socket behind it: ``send`` only counts.
 
-    quiet = False
+    The server's own send (uvicorn's framing and write) is left out on purpose:
+    what is measured is the code above it, the library's or a bare loop's.
+    """
+
+    def __init__(self) -> None:
+        self.inbox_send, self.inbox = anyio.create_memory_object_stream[dict[str, Any]](10)
+        self.sent = 0
+        self._wanted, self._reached = 0, anyio.Event()
+        self.scope: dict[str, Any] = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "scheme": "ws",
+            "path": "/ws",
+            "raw_path": b"/ws",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"bench")],
+            "server": ("bench", 80),
+            "client": ("127.0.0.1", 1),
+            "subprotocols": [],
+            "extensions": {},
+        }
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.inbox.receive()
 
     async def send(self, message: dict[str, Any]) -> None:
-        if not self.quiet:
-            await super().send(message)
+        self.sent += 1
+        if self.sent == self._wanted:
+            self._reached.set()
+
+    async def sent_at_least(self, n: int) -> None:
+        self._wanted, self._reached = n, anyio.Event()
+        if self.sent < n:
+            await self._reached.wait()
 
 
 async def _frames(n_events: int) -> dict[str, float]:
-    sockets = [_Sink() for _ in range(100)]
+    """Per frame, to 100 connections: the library (its endpoint, over Starlette's
+    WebSocket) against a bare loop of ``await websocket.send_text(frame)``, as
+    bench/servers/bare.py sends."""
+    peers = [_Peer() for _ in range(100)]
+    bare_peers = [_Peer() for _ in range(100)]
     replay = Replay(MemoryStore(), authorize=allow_all, send_queue_size=1_000_000)
     async with replay, anyio.create_task_group() as tg:
-        for i, ws in enumerate(sockets):
-            tg.start_soon(serve_fake, replay, ws, f"c{i}")
-            await ws.client_sends({"type": "subscribe", "topic": "t"})
-            await ws.wait_for(1)
-        for ws in sockets:
-            ws.quiet = True
-        message = {"type": "websocket.send", "text": "x"}
+        for peer in peers:
+            tg.start_soon(replay.endpoint, WebSocket(peer.scope, peer.receive, peer.send))
+            await peer.inbox_send.send({"type": "websocket.connect"})
+            await peer.inbox_send.send({"type": "websocket.receive", "text": '{"type":"subscribe","topic":"t"}'})
+            await peer.sent_at_least(2)  # accept, subscribed
+        sockets = []
+        for peer in bare_peers:
+            websocket = WebSocket(peer.scope, peer.receive, peer.send)
+            await peer.inbox_send.send({"type": "websocket.connect"})
+            await websocket.accept()
+            sockets.append(websocket)
+        frame = json.dumps({"type": "event", "topic": "t", "offset": 1, "event": "x", "data": 1, "time": 0})
 
         async def bare(n: int) -> None:  # one event at a time, as bare broadcasts it
             for _ in range(n):
-                for ws in sockets:
-                    await ws.send(message)
+                for websocket in sockets:
+                    await websocket.send_text(frame)
                 await asyncio.sleep(0)
 
         async def library(n: int) -> None:  # one event per loop turn: every frame is sent inline
@@ -119,11 +158,15 @@ async def _frames(n_events: int) -> dict[str, float]:
 
         result = {
             "bare await loop": await _cpu_per_op(bare, n_events) / len(sockets),
-            "hub + inline send": await _cpu_per_op(library, n_events) / len(sockets),
+            "hub + inline send": await _cpu_per_op(library, n_events) / len(peers),
         }
+        expected = 2 + n_events + max(1, n_events // 20)
+        if any(peer.sent != expected for peer in peers):
+            raise RuntimeError(f"not every frame reached every peer: {sorted({p.sent for p in peers})} != {expected}")
         tg.cancel_scope.cancel()
-    for ws in sockets:
-        ws.close_streams()
+    for peer in peers + bare_peers:
+        peer.inbox_send.close()
+        peer.inbox.close()
     return result
 
 

@@ -16,6 +16,8 @@ import asyncio
 
 import anyio
 import pytest
+from starlette.types import Message
+from starlette.websockets import WebSocket
 
 from starlette_replay import MemoryStore, Replay, allow_all
 from starlette_replay import connection as connection_module
@@ -80,3 +82,44 @@ async def test_long_replay_through_a_queue_that_never_empties() -> None:
             [conn] = list(replay._connections)
             assert conn.queued == 0
             assert len(conn._queue) <= 1  # emptied once the writer caught up (the pong may be in flight)
+
+
+async def test_frames_after_accept_go_to_the_asgi_send_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Starlette's WebSocket.send checks its state machine on every call; the
+    # connection's frames skip it (the accept and the close still go through it).
+    through_websocket_send: list[str] = []
+    starlette_send = WebSocket.send
+
+    async def recording_send(self: WebSocket, message: Message) -> None:
+        through_websocket_send.append(message["type"])
+        await starlette_send(self, message)
+
+    monkeypatch.setattr(WebSocket, "send", recording_send)
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    async with running(make_app(replay)) as app, connect(app) as client:
+        with anyio.fail_after(10):
+            await client.subscribe("t")
+            for i in range(3):
+                await replay.publish("t", "tick", {"i": i})
+            assert [e["data"]["i"] for e in await client.events(3)] == [0, 1, 2]
+            [conn] = list(replay._connections)
+            conn.abort(CloseCode.TRY_AGAIN_LATER, "test")
+            assert await client.closed() == CloseCode.TRY_AGAIN_LATER
+    assert through_websocket_send == ["websocket.accept", "websocket.close"]
+
+
+async def test_a_websocket_class_with_its_own_send_is_sent_through_it() -> None:
+    async def asgi_send(message: Message) -> None:
+        pass
+
+    async def asgi_receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    class Wrapped(WebSocket):
+        async def send(self, message: Message) -> None:
+            await super().send(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": []}
+    assert connection_module._asgi_send(WebSocket(scope, asgi_receive, asgi_send)) is asgi_send
+    wrapped = Wrapped(scope, asgi_receive, asgi_send)
+    assert connection_module._asgi_send(wrapped) == wrapped.send
