@@ -182,6 +182,7 @@ class Connection:
         "_scope",
         "_send_asgi",
         "_sent",
+        "_sent_at_beat",
         "_tg",
         "_tokens",
         "_tokens_at",
@@ -223,7 +224,10 @@ class Connection:
         self._retire = False
         self._unfinished = False  # a send started and has not finished (see _flush)
         self._tg: anyio.abc.TaskGroup | None = None
+        # For the heartbeat timer: when it last saw frames sent, and how many by then
+        # (a clock read per frame would cost more than the timer's tick).
         self._idle_since = time.monotonic()
+        self._sent_at_beat = 0
         self._progress: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self.close_code: int | None = None
@@ -261,15 +265,18 @@ class Connection:
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
-        self._push(frame, live=True)
-
-    def _push(self, frame: str, live: bool = False) -> int:
-        """Send or queue ``frame``; returns its number (see :meth:`_drained`)."""
+        """Send or queue a live frame: :meth:`_push` for the hub, spelt out (once per frame per connection)."""
         self._queued += 1
         if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
-            self._queue.append((frame, live))
-            if live:
-                self.count_live(1)
+            self._queue.append((frame, True))
+            self.count_live(1)
+            self._kick()
+
+    def _push(self, frame: str) -> int:
+        """Send or queue a reply, replayed event or ping; returns its number (see :meth:`_drained`)."""
+        self._queued += 1
+        if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
+            self._queue.append((frame, False))
             self._kick()
         return self._queued
 
@@ -290,13 +297,16 @@ class Connection:
         elif self._inline_count >= _INLINE_PER_TURN:
             return False  # a burst: the writer sends the rest of it in one go
         self._inline_count += 1
-        hub.used_turn(loop)
+        if not hub.turn_ending:
+            hub.used_turn(loop)
         send = self._send_message(frame)
         try:
             yielded = context.run(send.send, None)
         except StopIteration:
-            self._idle_since = time.monotonic()
-            self._count_sent(False)
+            self._sent += 1  # _count_sent(False), spelt out: this runs once per frame
+            if self._progress is not None:
+                self._progress.set()
+                self._progress = None
             return True
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
             self._lost(exc)
@@ -416,8 +426,7 @@ class Connection:
             return
 
     def _send_message(self, frame: str) -> Coroutine[Any, Any, None]:
-        """The send of one text frame, not started. ``WebSocket.send`` rather than
-        ``send_text``: one coroutine less per frame, the same state checks."""
+        """The send of one text frame, not started (see :func:`_asgi_send`)."""
         return self._send_asgi({"type": "websocket.send", "text": frame})  # type: ignore[return-value]
 
     async def _send(self, frame: str) -> bool:
@@ -446,7 +455,15 @@ class Connection:
 
     def heartbeat(self, now: float, interval: float) -> None:
         """Called by the Replay's timer: after ``interval`` seconds with nothing sent,
-        send a ``ping`` and retire the parked writer (the next frames start one)."""
+        send a ``ping`` and retire the parked writer (the next frames start one).
+
+        A frame sent since the last tick counts as sent at this tick: with ticks
+        ``interval / 4`` apart, a ping follows 1 to 1.25 intervals of silence.
+        """
+        if self._sent != self._sent_at_beat:
+            self._sent_at_beat = self._sent
+            self._idle_since = now
+            return
         if self._queue or (self._writing and self._wakeup is None) or now - self._idle_since < interval:
             return
         self._retire = self._writing  # it ends once the queue is empty (the ping too)
@@ -470,7 +487,6 @@ class Connection:
                 if head == len(queue):
                     queue.clear()
                     self._head = 0
-                    self._idle_since = time.monotonic()
                     if self._retire:
                         return
                     if loop is not None:

@@ -125,16 +125,16 @@ class Hub:
         # Event-loop turns in which a connection sent inline: a connection sends
         # only a few frames inline per turn (see Connection._send_inline).
         self.turn = 0
-        self._turn_ending = False
+        self.turn_ending = False
 
     def used_turn(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start a new turn once the tasks and callbacks ready now have run."""
-        if not self._turn_ending:
-            self._turn_ending = True
+        if not self.turn_ending:
+            self.turn_ending = True
             loop.call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
-        self._turn_ending = False
+        self.turn_ending = False
         self.turn += 1
 
     # --- LiveSink ----------------------------------------------------------------

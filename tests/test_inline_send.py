@@ -190,3 +190,27 @@ async def test_nothing_goes_out_after_a_send_that_did_not_finish() -> None:
             await ws.closed.wait()
         assert offsets(ws) == []  # not 2 and 3 without 1: no hole
         assert ws.closed_with == (1008, "test")
+
+
+async def test_a_frame_sent_between_heartbeat_ticks_puts_the_ping_off() -> None:
+    # The heartbeat timer (every interval / 4) sees sends by their count, not by a
+    # clock read per frame: a tick that finds frames sent since the last one counts
+    # the connection busy from then, and only a full interval of ticks with nothing
+    # sent brings a ping.
+    async with one_subscriber() as (replay, ws):
+        [conn] = list(replay._connections)
+        interval, now = 10.0, conn._idle_since
+        conn.heartbeat(now + interval + 1, interval)  # the subscribed reply went out since: busy
+        await replay.publish("t", "x", 1)  # sent inline, after that tick
+        assert offsets(ws) == [1]
+        conn.heartbeat(now + 2 * interval + 0.5, interval)  # a frame went out since the last tick: busy
+        conn.heartbeat(now + 3 * interval, interval)  # 0.95 intervals since that tick: no ping yet
+        assert "ping" not in ws.texts[-1]
+        conn.heartbeat(now + 3 * interval + 0.5, interval)  # a full interval with nothing sent
+        with anyio.fail_after(TIMEOUT):
+            while '"ping"' not in ws.texts[-1]:
+                await anyio.lowlevel.checkpoint()
+        assert [frame["type"] for frame in ws.sent] == ["subscribed", "event", "ping"]
+        conn.heartbeat(now + 3 * interval + 1, interval)  # the ping was sent: busy again
+        conn.heartbeat(now + 4 * interval, interval)
+        assert [frame["type"] for frame in ws.sent] == ["subscribed", "event", "ping"]
