@@ -5,11 +5,13 @@ Usage (from the repository root)::
 
     .venv/bin/python -m bench.micro append     # sequential RedisStore.append vs redis-py EVALSHA of the same script
     .venv/bin/python -m bench.micro append50   # the same with 50 concurrent callers on one topic
-    .venv/bin/python -m bench.micro frames     # the library's per-frame path vs a bare `await ws.send()` loop
+    .venv/bin/python -m bench.micro frames     # the library's per-frame path vs a bare `await ws.send_text()` loop
 
 ``append`` and ``append50`` start their own redis-server (as ``bench.run`` does).
-``frames`` delivers to 100 fake sockets whose ``send`` does nothing: it measures
-the hub, subscription and connection code per frame, not the ASGI server's send.
+``frames`` delivers to 100 connections of the library's endpoint and 100 bare
+Starlette WebSockets whose ASGI ``send`` only counts: it measures the code above
+the ASGI server's send (the hub, subscription and connection against a bare
+``send_text`` loop), not the send itself.
 Options: ``--n`` operations per measurement, ``--reps``.
 """
 
@@ -157,7 +159,7 @@ async def _frames(n_events: int) -> dict[str, float]:
                 await asyncio.sleep(0)
 
         result = {
-            "bare await loop": await _cpu_per_op(bare, n_events) / len(sockets),
+            "bare send_text loop": await _cpu_per_op(bare, n_events) / len(sockets),
             "hub + inline send": await _cpu_per_op(library, n_events) / len(peers),
         }
         expected = 2 + n_events + max(1, n_events // 20)
