@@ -34,7 +34,7 @@ import logging
 import time
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -90,8 +90,12 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
 
 
+# A send being stepped by hand: a coroutine, or the iterator of another awaitable's __await__.
+_Steppable = Coroutine[Any, Any, Any] | Generator[Any, Any, Any]
+
+
 @types.coroutine
-def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+def _finish(coro: _Steppable, yielded: Any) -> Any:
     """Drive ``coro`` on in the awaiting task, after a step outside it suspended on ``yielded``.
 
     The first wait may be over by now: a bare yield (``sleep(0)``) asked for one
@@ -243,7 +247,7 @@ class Connection:
         self._context: contextvars.Context | None = None
         self._inline_turn = -1
         self._inline_count = 0
-        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self._inflight: tuple[_Steppable, Any] | None = None
 
     def __repr__(self) -> str:
         return f"Connection({self.id}, identity={self.identity!r}, topics={len(self.subs)})"
@@ -425,19 +429,27 @@ class Connection:
             send.close()  # it would wait (a full socket buffer): the close goes out now
             return
 
-    def _send_message(self, frame: str) -> Coroutine[Any, Any, None]:
-        """The send of one text frame, not started (see :func:`_asgi_send`)."""
-        return self._send_asgi({"type": "websocket.send", "text": frame})  # type: ignore[return-value]
+    def _send_message(self, frame: str) -> _Steppable:
+        """The send of one text frame (see :func:`_asgi_send`), not started, to be stepped.
+
+        An ASGI send is only promised to return an awaitable: a coroutine (uvicorn's,
+        an ``async def`` middleware's) is stepped as it is, anything else through
+        the iterator its ``__await__`` returns.
+        """
+        send = self._send_asgi({"type": "websocket.send", "text": frame})
+        if type(send) is types.CoroutineType:
+            return send
+        return send.__await__()
 
     async def _send(self, frame: str) -> bool:
         try:
-            await self._send_message(frame)
+            await self._send_asgi({"type": "websocket.send", "text": frame})
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
             self._lost(exc)
             return False
         return True
 
-    async def _finish_inline_send(self, send: Coroutine[Any, Any, None], waiting_on: Any) -> bool:
+    async def _finish_inline_send(self, send: _Steppable, waiting_on: Any) -> bool:
         try:
             await _finish(send, waiting_on)
         except Exception as exc:

@@ -13,9 +13,12 @@ close on demand.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import anyio
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
 from starlette.types import Message
 from starlette.websockets import WebSocket
 
@@ -123,3 +126,40 @@ async def test_a_websocket_class_with_its_own_send_is_sent_through_it() -> None:
     assert connection_module._asgi_send(WebSocket(scope, asgi_receive, asgi_send)) is asgi_send
     wrapped = Wrapped(scope, asgi_receive, asgi_send)
     assert connection_module._asgi_send(wrapped) == wrapped.send
+
+
+class _Awaitable:
+    """Awaitable, but no coroutine: what an ASGI send is allowed to return."""
+
+    def __init__(self, coro: Any) -> None:
+        self.coro = coro
+
+    def __await__(self) -> Any:
+        return self.coro.__await__()
+
+
+class _SendReturningAwaitables:
+    """An ASGI endpoint in front of the library's whose ``send`` returns awaitables that are not coroutines."""
+
+    def __init__(self, replay: Replay) -> None:
+        self.replay = replay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.replay.endpoint(WebSocket(scope, receive, lambda message: _Awaitable(send(message))))
+
+
+async def test_an_asgi_send_that_returns_another_awaitable_is_stepped_through_it() -> None:
+    # Frames are sent inline by stepping the send by hand; an ASGI send is only
+    # promised to return an awaitable, so a non-coroutine one must work as well.
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    app = Starlette(routes=[WebSocketRoute("/ws", _SendReturningAwaitables(replay))], lifespan=replay.lifespan)
+    async with running(app) as client_app, connect(client_app) as client:
+        with anyio.fail_after(10):
+            await client.subscribe("t")
+            for i in range(20):  # past the inline bound in one turn: inline sends and the writer
+                await replay.publish("t", "tick", {"i": i})
+            assert [e["data"]["i"] for e in await client.events(20)] == list(range(20))
+            await replay.publish("t", "tick", {"i": 20})
+            [event] = await client.events(1)
+            assert event["offset"] == 21
+            assert replay.stats()["connections"] == 1
