@@ -163,3 +163,39 @@ async def test_an_asgi_send_that_returns_another_awaitable_is_stepped_through_it
             [event] = await client.events(1)
             assert event["offset"] == 21
             assert replay.stats()["connections"] == 1
+
+
+class _SendRaisingWhenCalled:
+    """An ASGI endpoint in front of the library's whose ``send`` is a plain function
+    that raises at once for event frames (as a broken transport or wrapper might)."""
+
+    def __init__(self, replay: Replay) -> None:
+        self.replay = replay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        def failing_send(message: Message) -> Any:
+            if '"type":"event"' in message.get("text", ""):
+                raise OSError("transport gone")
+            return send(message)
+
+        await self.replay.endpoint(WebSocket(scope, receive, failing_send))
+
+
+async def test_an_asgi_send_that_raises_when_called_stops_that_connection_only() -> None:
+    # The frame is sent from the publisher's task: a send that raises as it is
+    # called must end that connection, not the publish or the other subscribers.
+    replay = Replay(MemoryStore(), authorize=allow_all)
+    app = Starlette(
+        routes=[replay.route("/ws"), WebSocketRoute("/broken", _SendRaisingWhenCalled(replay))],
+        lifespan=replay.lifespan,
+    )
+    async with running(app) as client_app, connect(client_app) as good:
+        async with connect(client_app, path="/broken") as broken:
+            with anyio.fail_after(10):
+                await good.subscribe("t")
+                await broken.subscribe("t")
+                for i in range(3):
+                    await replay.publish("t", "tick", {"i": i})
+                assert [e["data"]["i"] for e in await good.events(3)] == [0, 1, 2]
+                while replay.stats()["connections"] == 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
