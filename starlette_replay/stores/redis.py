@@ -267,6 +267,11 @@ def _packer() -> Any:
     return pack_command
 
 
+async def _retry_pause(attempt: int) -> None:
+    """Before a command's next attempt: 40 ms after the first, doubling, at most 0.5 s; jittered."""
+    await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
 async def _drop(conn: AbstractConnection) -> None:
     """Close ``conn`` without waiting for Redis, even where the caller is cancelled."""
     with anyio.CancelScope(shield=True):
@@ -542,7 +547,7 @@ class RedisStore:
                         if not isinstance(exc, lost):
                             raise
                         last_error = exc
-                        await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+                        await _retry_pause(attempt)
                         continue
                     try:
                         await conn.send_packed_command(_packer()(args), check_health=False)
@@ -562,7 +567,7 @@ class RedisStore:
                     else:
                         await self._release(conn)
                         return reply
-                    await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+                    await _retry_pause(attempt)
         except TimeoutError as exc:
             raise StoreUnavailable(
                 f"Redis did not answer within publish_timeout={self.publish_timeout}s (last error: {last_error!r})"
@@ -904,8 +909,7 @@ class RedisStore:
             await _drop(conn)
 
     async def _listen(self) -> None:
-        from redis.exceptions import RedisError
-
+        redis_error = _redis_errors().RedisError
         failures = 0
         while True:
             connected = self.reconnects
@@ -915,7 +919,7 @@ class RedisStore:
                 # a task group wraps the reader's error: log the error itself
                 while len(getattr(exc, "exceptions", ())) == 1:
                     exc = exc.exceptions[0]  # type: ignore[attr-defined]
-                if isinstance(exc, RedisError | StoreError | OSError):  # OSError: TimeoutError too
+                if isinstance(exc, redis_error | StoreError | OSError):  # OSError: TimeoutError too
                     level = logging.WARNING if failures <= 1 else logging.DEBUG
                     logger.log(level, "Redis pub/sub connection lost (%r); reconnecting", exc)
                 else:  # a bug: say so loudly, and keep serving
