@@ -502,7 +502,7 @@ def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
         if benchmark == "latency":
             extra = f"  p50 {entry['p50']:.2f} ms  max {entry['max']:.2f} ms"
         if "cpu_us" in entry:
-            extra = f"  server CPU {entry['cpu_us']:.0f} µs/event"
+            extra += f"  server CPU {entry['cpu_us']:.0f} µs/event"
         if "gaps" in entry:
             extra += f"  gaps {entry['gaps']} dups {entry['duplicates']} short runs {entry['short']}"
             extra += f" server closes {entry['closes']}"
