@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket
 
 from bench.run import redis_server
 from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
-from starlette_replay.stores.redis import _APPEND_BATCH
+from starlette_replay.stores.redis._scripts import APPEND
 
 
 def _data(i: int) -> str:
@@ -57,7 +57,7 @@ async def _appends(url: str, n: int, callers: int) -> dict[str, float]:
     topic = "m-" + secrets.token_hex(4)
     base = f"replay:{{{topic}}}:"
     keys = [base + "meta", base + "log", base + "idem", base + "idemz"]
-    sha = await raw.script_load(_APPEND_BATCH)
+    sha = await raw.script_load(APPEND.body)
 
     async def raw_one(i: int) -> None:
         # the library's append script for one event, as the publish benchmark's raw loop runs it

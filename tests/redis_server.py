@@ -107,6 +107,7 @@ class RedisServer:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+            os.kill(process.pid, signal.SIGCONT)  # a frozen process dies only once it runs
             process.wait(timeout=10)
 
     def restart(self) -> None:
@@ -116,6 +117,15 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
+
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections stay open, nothing is answered (:meth:`thaw` resumes it)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
 
     def flushall(self) -> None:
         with self.client() as client:

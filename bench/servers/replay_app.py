@@ -86,9 +86,9 @@ async def publish_bench(request: Request) -> JSONResponse:
             await replay.publish(topic, TOPIC_EVENT, data_for(i, time.monotonic_ns()))
 
     elif mode == "raw-script":
-        from starlette_replay.stores.redis import _APPEND_BATCH  # the library's own script: the same Redis work
+        from starlette_replay.stores.redis._scripts import APPEND  # the library's own script: the same Redis work
 
-        sha = await raw_client.script_load(_APPEND_BATCH)
+        sha = await raw_client.script_load(APPEND.body)
 
         async def one(i: int) -> None:
             raw = json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))

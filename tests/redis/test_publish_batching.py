@@ -236,7 +236,7 @@ async def test_a_queued_append_gives_up_when_the_call_in_flight_never_hands_over
             in_flight.set()
             await anyio.sleep_forever()
 
-        monkeypatch.setattr(store, "_store_batch", hang)
+        monkeypatch.setattr(store._appends, "store_batch", hang)
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.append, "t", items(("first", 1)))
             await in_flight.wait()

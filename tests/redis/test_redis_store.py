@@ -12,7 +12,7 @@ import anyio
 import pytest
 import redis.asyncio
 
-from starlette_replay import Cursor, RedisStore, Replay, allow_all
+from starlette_replay import Cursor, RedisStore, Replay, StoreUnavailable, allow_all
 from tests.redis_server import RecordingSink, RedisServer, connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -41,6 +41,8 @@ def test_importing_works_without_redis_py_and_constructing_names_the_extra() -> 
         {"cursor_ttl": "1"},
         {"prefix": "a{b}"},
         {"prefix": ""},
+        {"connections": 0},
+        {"connections": 2.5},
     ],
 )
 def test_bad_options_raise_value_error(options: dict[str, Any]) -> None:
@@ -139,21 +141,20 @@ def _store_connections(server: RedisServer, prefix: str) -> int:
         return sum(1 for info in client.client_list() if info["name"] == prefix)
 
 
-async def test_command_connections_are_kept_few_and_closed_by_aclose(redis_server: RedisServer) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix="few", publish_timeout=3, client_name="few")
+async def test_commands_share_the_configured_connections_and_aclose_closes_them(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix="few", publish_timeout=3, client_name="few", connections=3)
     async with anyio.create_task_group() as tg:
-        for i in range(40):  # forty commands at once: forty connections
+        for i in range(40):  # forty commands at once, pipelined on three connections
             tg.start_soon(store.position, f"t{i}")
-    with anyio.fail_after(5):
-        while _store_connections(redis_server, "few") > 16:  # noqa: ASYNC110 - the rest are closed once done
-            await anyio.sleep(0.02)
-    assert _store_connections(redis_server, "few") == 16
+    assert _store_connections(redis_server, "few") == 3
     await store.position("t")
-    assert _store_connections(redis_server, "few") == 16  # reused, none opened
+    assert _store_connections(redis_server, "few") == 3  # reused, none opened
     await store.aclose()
     with anyio.fail_after(5):
         while _store_connections(redis_server, "few"):  # noqa: ASYNC110 - the closes reach Redis
             await anyio.sleep(0.02)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.position("t")
 
 
 async def test_an_idle_connection_closed_by_redis_is_reopened_before_a_command(redis_server: RedisServer) -> None:
@@ -245,15 +246,15 @@ def test_a_client_without_a_connection_pool_is_refused() -> None:
 def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
     from redis.asyncio.connection import Connection
 
-    from starlette_replay.stores.redis import _pack_in_python, _packer
+    from starlette_replay.stores.redis._codec import pack_in_python, packer
 
     expected = b"".join(Connection().pack_command(*args))
-    assert _pack_in_python(args) == expected
-    assert _packer()(args) == expected  # hiredis's, where installed (it is, with the redis extra)
+    assert pack_in_python(args) == expected
+    assert packer()(args) == expected  # hiredis's, where installed (it is, with the redis extra)
 
 
 def test_packing_refuses_what_is_not_a_redis_argument() -> None:
-    from starlette_replay.stores.redis import _pack_in_python
+    from starlette_replay.stores.redis._codec import pack_in_python
 
     with pytest.raises(TypeError, match="NoneType"):
-        _pack_in_python(("SET", "k", None))
+        pack_in_python(("SET", "k", None))

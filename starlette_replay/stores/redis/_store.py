@@ -1,0 +1,511 @@
+"""RedisStore: the store, its keys, its options and its lifecycle.
+
+Its parts live beside it: ``_pipeline`` (pipelined commands on a few
+connections), ``_appends`` (concurrent appends to one topic coalesced),
+``_listener`` (the pub/sub side), ``_scripts`` with the ``.lua`` files, and
+``_codec`` (packing and parsing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..._checks import check_int, check_seconds
+from ...errors import StoreError, StoreUnavailable
+from ...events import Event
+from ..base import Cursor, LiveSink, Position
+from . import _scripts
+from ._appends import Append, Coalescer
+from ._codec import config_value, packer, parse_entries, redis_errors, text, to_int
+from ._listener import Listener
+from ._pipeline import NotSent, Pipelines, ReplyLost, deadline
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.connection import AbstractConnection
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("starlette_replay.stores.redis")
+
+_MISSING_REDIS = "RedisStore needs redis-py: pip install 'starlette-replay[redis]'"
+
+
+def _now() -> float:
+    """``anyio.current_time()`` on asyncio (the only backend of redis.asyncio), without
+    looking the backend up: it is on every append's path, several times."""
+    import asyncio
+
+    return asyncio.get_running_loop().time()
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+async def _retry_pause(attempt: int) -> None:
+    """Before a command's next attempt: 40 ms after the first, doubling, at most 0.5 s; jittered."""
+    await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+class RedisStore:
+    """An event store on Redis (5.0+; Streams), shared by every process of an app.
+
+    ``history_size``: events kept per topic (trimmed exactly). ``history_ttl``:
+    seconds after a topic's last publish until its keys expire (``None``: never);
+    an expired topic comes back in a new epoch. A topic with subscribers in a
+    process connected to this Redis does not expire. ``prefix`` starts every key and
+    channel. ``publish_timeout``: seconds within which any call that needs Redis
+    returns or raises :class:`~starlette_replay.StoreUnavailable`. ``cursor_ttl``:
+    seconds a server-side cursor is kept after its last save.
+    ``health_check_interval``: seconds between pings on the live connection (a
+    connection silent for twice that is reopened). ``connections``: how many
+    connections carry the store's commands, pipelined (any number of commands
+    in flight on each); the live side uses one more. So a process holds at most
+    ``connections + 1`` connections to Redis, whatever the number of topics,
+    publishers and subscribers.
+
+    Raises ``ValueError`` for a bad option, ``TypeError`` for a client without a
+    connection pool (``RedisCluster`` is not supported yet), ``ImportError``
+    without redis-py.
+    ``RedisStore(client)`` takes an existing ``redis.asyncio.Redis`` for its
+    settings (address, credentials, TLS, database, protocol), opens connections
+    of its own with them (none from the client's pool), and :meth:`aclose`
+    leaves the client open; :meth:`from_url` makes and owns one.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        history_size: int = 10_000,
+        history_ttl: float | None = None,
+        prefix: str = "replay",
+        publish_timeout: float = 5.0,
+        cursor_ttl: float = 30 * 24 * 3600,
+        health_check_interval: float = 5.0,
+        connections: int = 4,
+    ) -> None:
+        try:
+            import redis.asyncio  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(_MISSING_REDIS) from exc
+        if not hasattr(client, "connection_pool"):
+            raise TypeError(f"RedisStore needs a redis.asyncio.Redis client (not {type(client).__name__})")
+        check_int("history_size", history_size)
+        check_int("connections", connections)
+        check_seconds("history_ttl", history_ttl, optional=True)
+        for name, value in (
+            ("publish_timeout", publish_timeout),
+            ("cursor_ttl", cursor_ttl),
+            ("health_check_interval", health_check_interval),
+        ):
+            check_seconds(name, value)
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty string without braces, not {prefix!r}")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.prefix = prefix
+        self.publish_timeout = float(publish_timeout)
+        self.cursor_ttl = cursor_ttl
+        self.health_check_interval = float(health_check_interval)
+        self.connections = connections
+        self._client = client
+        self._owns_client = False  # from_url sets it
+        self._ttl_ms = "0" if history_ttl is None else str(max(1, math.ceil(history_ttl * 1000)))
+        self._cursor_ttl_ms = str(max(1, math.ceil(cursor_ttl * 1000)))
+        self._connected = False
+        self._closed = False
+        self._pipes = Pipelines(
+            self._new_connection,
+            size=connections,
+            connect_timeout=self.publish_timeout,
+            stall_after=self.publish_timeout,
+        )
+        self._appends = Coalescer(self._store_batch, self.publish_timeout)
+        self._listener = Listener(
+            # RESP2: plain arrays for pub/sub (redis-py 8's RESP3 push path is another beast)
+            new_connection=lambda: self._new_connection(protocol=2),
+            read_state=self._read_state,
+            channel=self._channel,
+            publish_timeout=self.publish_timeout,
+            health_check_interval=self.health_check_interval,
+        )
+
+    @property
+    def reconnects(self) -> int:
+        """Times the live side (re)connected to Redis (for tests and metrics)."""
+        return self._listener.reconnects
+
+    @property
+    def resets(self) -> int:
+        """Topics the live side reset: it could not vouch for their continuity."""
+        return self._listener.resets
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        history_size: int = 10_000,
+        history_ttl: float | None = None,
+        prefix: str = "replay",
+        publish_timeout: float = 5.0,
+        cursor_ttl: float = 30 * 24 * 3600,
+        health_check_interval: float = 5.0,
+        connections: int = 4,
+        **redis_options: Any,
+    ) -> RedisStore:
+        """A store on a new client for ``url`` (``redis://[[user]:password@]host[:port][/db]``,
+        ``rediss://...`` for TLS, ``unix:///path.sock?db=0``), closed by :meth:`aclose`.
+
+        ``redis_options`` go to ``redis.asyncio.Redis.from_url``. The client's own
+        retries are turned off: the store retries what is safe to retry, within
+        ``publish_timeout``. Raises ``ImportError`` without redis-py, ``ValueError``
+        for a bad option. Connects lazily (nothing is awaited here).
+        """
+        try:
+            import redis.asyncio
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError as exc:
+            raise ImportError(_MISSING_REDIS) from exc
+        check_seconds("publish_timeout", publish_timeout)
+        options: dict[str, Any] = {
+            "socket_connect_timeout": min(float(publish_timeout), 5.0),
+            "retry": Retry(NoBackoff(), 0),
+        }
+        options.update(redis_options)
+        client = redis.asyncio.Redis.from_url(url, **options)
+        store = cls(
+            client,
+            history_size=history_size,
+            history_ttl=history_ttl,
+            prefix=prefix,
+            publish_timeout=publish_timeout,
+            cursor_ttl=cursor_ttl,
+            health_check_interval=health_check_interval,
+            connections=connections,
+        )
+        store._owns_client = True
+        return store
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisStore(prefix={self.prefix!r}, history_size={self.history_size}, "
+            f"history_ttl={self.history_ttl}, publish_timeout={self.publish_timeout}, "
+            f"connections={self.connections})"
+        )
+
+    # --- keys ----------------------------------------------------------------------
+
+    def _keys(self, topic: str) -> list[str]:
+        base = f"{self.prefix}:{{{topic}}}:"
+        return [base + "meta", base + "log", base + "idem", base + "idemz"]
+
+    def _channel(self, topic: str) -> str:
+        return f"{self.prefix}:{{{topic}}}:live"
+
+    def _cursor_key(self, identity: str, topic: str) -> str:
+        return f"{self.prefix}:{{{topic}}}:cursor:{identity}"
+
+    # --- commands --------------------------------------------------------------------
+
+    def _new_connection(self, **overrides: Any) -> AbstractConnection:
+        """A connection of the store's own, with the client's settings but no socket
+        timeout (``publish_timeout`` and the listener's watchdog bound every wait)."""
+        pool = self._client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(socket_timeout=None, health_check_interval=0, **overrides)
+        if "maint_notifications_config" in kwargs:  # redis-py 8: cluster maintenance pushes, RESP3 only
+            kwargs["maint_notifications_config"] = None
+        kwargs.pop("maint_notifications_pool_handler", None)
+        conn: AbstractConnection = pool.connection_class(**kwargs)
+        return conn
+
+    async def _execute(self, *args: Any, retry: bool = True, deadline_at: float | None = None) -> Any:
+        """Run one command on the pipelined connections, within ``publish_timeout``.
+
+        Sends it again when it cannot have reached Redis (:class:`NotSent`), and
+        also after its reply was lost when ``retry`` says it is safe to run twice.
+        ``deadline_at`` (the event loop's clock) replaces ``publish_timeout`` from now.
+        Cancelling is safe (see ``Pipelines.call``).
+        """
+        errors = redis_errors()
+        packed = packer()(args)
+        attempt = 0
+        last_error: BaseException | None = None
+        try:
+            async with deadline(_now() + self.publish_timeout if deadline_at is None else deadline_at):
+                while True:
+                    attempt += 1
+                    try:
+                        return await self._pipes.call(packed)
+                    except ReplyLost as exc:
+                        last_error = exc
+                        if not retry:
+                            raise StoreUnavailable(
+                                f"lost Redis while waiting for a reply (the write may or may not be stored): {exc}"
+                            ) from exc
+                    except NotSent as exc:
+                        last_error = exc
+                        if self._closed:
+                            raise StoreUnavailable(f"not sent: this RedisStore is closed ({exc})") from exc
+                    await _retry_pause(attempt)
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"Redis did not answer within publish_timeout={self.publish_timeout}s (last error: {last_error!r})"
+            ) from (last_error or exc)
+        except errors.NoScriptError:
+            raise  # for _eval, which then sends the script's body
+        except errors.ResponseError as exc:
+            raise StoreError(f"Redis refused {text(args[0])}: {exc}") from exc
+        except errors.RedisError as exc:
+            raise StoreError(f"Redis failed: {exc}") from exc
+
+    async def _eval(
+        self,
+        script: _scripts.Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        retry: bool = True,
+        deadline_at: float | None = None,
+    ) -> Any:
+        try:
+            return await self._execute(
+                "EVALSHA", script.sha, len(keys), *keys, *args, retry=retry, deadline_at=deadline_at
+            )
+        except redis_errors().NoScriptError:
+            # not run: safe to send the body (it is cached for the next EVALSHA)
+            return await self._execute(
+                "EVAL", script.body, len(keys), *keys, *args, retry=retry, deadline_at=deadline_at
+            )
+
+    # --- the log ---------------------------------------------------------------------
+
+    async def append(
+        self,
+        topic: str,
+        items: Sequence[tuple[str, str]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[Event]:
+        """Store ``items`` atomically (one script) and publish them live.
+
+        Returns the stored events (the first ones for a known ``idempotency_key``),
+        once Redis has them. Concurrent appends to one topic are coalesced: while
+        one script call for the topic is in flight, later appends queue, and the
+        next call stores all of them in arrival order in one script (each append
+        stays contiguous and atomic, each keeps its own idempotency key and gets
+        its own events); different topics' calls are pipelined together. Raises
+        ``StoreUnavailable`` within ``publish_timeout`` when Redis does not
+        confirm: the events may then be stored or not; a retry with an
+        ``idempotency_key`` is safe. An append that raises having never been sent
+        says so ("not stored").
+
+        Cancelling is safe: an append still queued is dropped (not stored); one
+        already sent may be stored or not, as with a lost connection. Cancelling
+        never affects other appends coalesced with it: a call already sending a
+        batch shared with others finishes it (within ``publish_timeout``) before
+        the cancellation takes effect, and may then return its stored events.
+        """
+        if not items:
+            return []
+        return await self._appends.append(topic, items, idempotency_key)
+
+    async def _store_batch(self, topic: str, batch: list[Append]) -> None:
+        deadline_at = batch[0].deadline  # the earliest: appends queue in order
+        if batch[0].wake is not None and _now() >= deadline_at:  # it queued behind other appends
+            raise StoreUnavailable(
+                f"not stored: waited publish_timeout={self.publish_timeout}s behind other appends to {topic!r}"
+            )
+        args: list[Any] = [_new_epoch(), self.history_size, self._ttl_ms, self._channel(topic), len(batch)]
+        for request in batch:
+            args.append(request.key or "")
+            args.append(len(request.items))
+            for event_type, raw in request.items:
+                args.append(event_type)
+                args.append(raw)
+        # A retry after the script was sent could store unkeyed events twice: only
+        # a batch whose appends all have idempotency keys is retried.
+        retry = all(request.key is not None for request in batch)
+        reply = await self._eval(_scripts.APPEND, self._keys(topic), args, retry=retry, deadline_at=deadline_at)
+        epoch, ms = text(reply[0]), to_int(reply[1])
+        for request, result in zip(batch, reply[2:], strict=True):
+            if isinstance(result, list):
+                request.events = parse_entries(topic, epoch, result)
+            else:
+                first = int(result)
+                request.events = [
+                    Event(topic, epoch, first + i, event_type, raw, ms)
+                    for i, (event_type, raw) in enumerate(request.items)
+                ]
+
+    async def _state(self, topic: str, *, create: bool, after: int = 0, limit: int = 0) -> tuple[Position | None, Any]:
+        epoch = _new_epoch() if create else ""
+        reply = await self._eval(_scripts.STATE, self._keys(topic), [epoch, self._ttl_ms, after + 1, limit])
+        found = text(reply[0])
+        if not found:
+            return None, []
+        return Position(found, to_int(reply[1]), to_int(reply[2])), reply[3]
+
+    async def _read_state(self, topic: str, after: int, limit: int) -> tuple[Position | None, Any]:
+        """For the listener: a topic's position and up to ``limit`` entries after ``after``."""
+        return await self._state(topic, create=False, after=after, limit=limit)
+
+    async def read(self, topic: str, after: int, limit: int) -> list[Event]:
+        """Up to ``limit`` retained events of the current epoch after ``after``, in order.
+
+        Raises ``StoreUnavailable``/``StoreError``; safe to cancel.
+        """
+        if limit <= 0:
+            return []
+        position, entries = await self._state(topic, create=False, after=max(after, 0), limit=limit)
+        if position is None:
+            return []
+        return parse_entries(topic, position.epoch, entries)
+
+    async def position(self, topic: str) -> Position:
+        """The topic's epoch, head and oldest retained offset (makes the epoch if missing).
+
+        Raises ``StoreUnavailable``/``StoreError``; safe to cancel.
+        """
+        position, _ = await self._state(topic, create=True)
+        assert position is not None
+        return position
+
+    # --- cursors ---------------------------------------------------------------------
+
+    async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
+        """The cursor saved for ``identity`` on ``topic``, or ``None``. Safe to cancel."""
+        reply = await self._execute("HMGET", self._cursor_key(identity, topic), "e", "o")
+        if reply[0] is None or reply[1] is None:
+            return None
+        return Cursor(text(reply[0]), to_int(reply[1]))
+
+    async def save_cursor(self, identity: str, topic: str, cursor: Cursor) -> None:
+        """Save a cursor (forward-only within an epoch; another epoch replaces it).
+
+        It expires ``cursor_ttl`` seconds after its last save. Safe to cancel.
+        """
+        await self._eval(
+            _scripts.SAVE_CURSOR,
+            [self._cursor_key(identity, topic)],
+            [cursor.epoch, cursor.offset, self._cursor_ttl_ms],
+        )
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connect(self, sink: LiveSink) -> AsyncIterator[None]:
+        """Check the server's durability settings and run the live listener for ``sink``.
+
+        Redis being unreachable does not fail this (the check then takes up to
+        ``publish_timeout``): the listener keeps trying, and publishes raise
+        ``StoreUnavailable`` meanwhile. Leaving it closes the store's connections
+        (a later command opens them again).
+        """
+        if self._connected:
+            raise RuntimeError("this RedisStore is already connected to a hub")
+        if self._closed:
+            raise RuntimeError("this RedisStore is closed")
+        self._connected = True
+        self._listener.sink = sink
+        try:
+            await self._check_durability()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listener.run)
+                if self.history_ttl is not None:
+                    tg.start_soon(self._keep_watched_topics)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self._connected = False
+            self._listener.sink = None
+            self._listener.topics.clear()
+            with anyio.CancelScope(shield=True):
+                await self._pipes.aclose()
+
+    async def aclose(self) -> None:
+        """Close the store's connections, and the client if this store made it
+        (``from_url``). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pipes.closed = True
+        with anyio.CancelScope(shield=True):
+            await self._pipes.aclose()
+            if self._owns_client:
+                await self._client.aclose()
+
+    async def _check_durability(self) -> None:
+        try:
+            appendonly = config_value(await self._execute("CONFIG", "GET", "appendonly"))
+            policy = config_value(await self._execute("CONFIG", "GET", "maxmemory-policy"))
+        except StoreUnavailable as exc:
+            logger.warning("Redis unreachable at startup (%s); live events start once it is back", exc)
+            return
+        except StoreError as exc:
+            logger.warning(
+                "cannot read Redis's persistence settings (%s); make sure the server runs with "
+                "appendonly yes and maxmemory-policy noeviction, or events can be lost",
+                exc,
+            )
+            return
+        if appendonly != "yes":
+            logger.warning(
+                "Redis runs with appendonly=%s: acknowledged events are lost if Redis restarts "
+                "(clients then get a new epoch); set appendonly yes for zero loss",
+                appendonly or "?",
+            )
+        if policy != "noeviction":
+            logger.warning(
+                "Redis maxmemory-policy is %s: under memory pressure Redis may evict topic history "
+                "(clients then get a new epoch); set maxmemory-policy noeviction for zero loss",
+                policy or "?",
+            )
+
+    # --- live side -------------------------------------------------------------------
+
+    async def subscribe(self, topic: str) -> None:
+        """Start live delivery of ``topic``; returns once Redis confirmed the subscription.
+
+        Raises ``StoreUnavailable`` when that does not happen within
+        ``publish_timeout``, and ``RuntimeError`` outside :meth:`connect`.
+        Cancelling is safe: an unconfirmed subscription is dropped again.
+        """
+        if not self._connected:
+            raise RuntimeError("RedisStore.subscribe() needs the store connected (async with store.connect(sink))")
+        await self._listener.subscribe(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop live delivery of ``topic``. Never raises for a lost connection; safe to cancel."""
+        self._listener.unsubscribe(topic)
+
+    async def _keep_watched_topics(self) -> None:
+        """Refresh ``history_ttl`` of topics with subscribers here, as MemoryStore never forgets them.
+
+        Without it an idle topic that clients watch would expire, and its next
+        event would close them (new epoch) although they missed nothing.
+        """
+        assert self.history_ttl is not None
+        period = max(0.05, min(self.history_ttl / 3, 60.0))
+        while True:
+            await anyio.sleep(period)
+            for topic in list(self._listener.topics):
+                try:
+                    await self._eval(_scripts.TOUCH, self._keys(topic), [self._ttl_ms])
+                except StoreError as exc:
+                    logger.debug("could not refresh the TTL of %r: %r", topic, exc)
+                    break
