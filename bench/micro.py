@@ -6,8 +6,13 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.micro append     # sequential RedisStore.append vs redis-py EVALSHA of the same script
     .venv/bin/python -m bench.micro append50   # the same with 50 concurrent callers on one topic
     .venv/bin/python -m bench.micro frames     # the library's per-frame path vs a bare `await ws.send_text()` loop
+    .venv/bin/python -m bench.micro repair     # wall time: subscribe 1,000 topics; resubscribe and repair them all
 
-``append`` and ``append50`` start their own redis-server (as ``bench.run`` does).
+``append``, ``append50`` and ``repair`` start their own redis-server (as ``bench.run`` does).
+``repair`` is wall time, not CPU: how long one process takes to subscribe
+``--n`` topics (default 1,000), and, after its pub/sub connection is killed
+with one event published to every topic meanwhile, to reconnect, resubscribe
+and deliver every missed event from the streams.
 ``frames`` delivers to 100 connections of the library's endpoint and 100 bare
 Starlette WebSockets whose ASGI ``send`` only counts: it measures the code above
 the ASGI server's send (the hub, subscription and connection against a bare
@@ -172,12 +177,63 @@ async def _frames(n_events: int) -> dict[str, float]:
     return result
 
 
+class _Sink:
+    def __init__(self) -> None:
+        self.count = 0
+        self.resets = 0
+        self.changed = asyncio.Event()
+
+    def deliver(self, event: Any) -> None:
+        self.count += 1
+        self.changed.set()
+
+    def reset(self, topic: str, reason: str) -> None:
+        self.resets += 1
+
+
+async def _wait(sink: _Sink, count: int) -> None:
+    async with asyncio.timeout(60):
+        while sink.count < count:
+            sink.changed.clear()
+            await sink.changed.wait()
+
+
+async def _repair(url: str, n: int) -> dict[str, float]:
+    import redis.asyncio
+
+    store = RedisStore.from_url(url, prefix="m" + secrets.token_hex(4))
+    sink = _Sink()
+    raw = redis.asyncio.Redis.from_url(url)
+    topics = [f"r{i}" for i in range(n)]
+    async with store.connect(sink):
+        started = time.perf_counter()
+        await asyncio.gather(*(store.subscribe(topic) for topic in topics))
+        subscribed = time.perf_counter() - started
+        await asyncio.gather(*(store.append(topic, [("e", _data(0))]) for topic in topics))
+        await _wait(sink, n)
+        reconnects = store.reconnects
+        started = time.perf_counter()
+        await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await asyncio.gather(*(store.append(topic, [("e", _data(1))]) for topic in topics))
+        await _wait(sink, 2 * n)
+        repaired = time.perf_counter() - started
+        if store.reconnects != reconnects + 1 or sink.resets:
+            raise RuntimeError(f"expected one reconnect and no reset: {store.reconnects - reconnects}, {sink.resets}")
+    await raw.aclose()
+    await store.aclose()
+    return {f"subscribe {n} topics (ms)": subscribed * 1000, "kill -> all repaired (ms)": repaired * 1000}
+
+
 def measure(what: str, n: int = 0, reps: int = 3) -> dict[str, float]:
     """Medians over ``reps`` runs, by name; the first name is the baseline."""
     runs: list[dict[str, float]] = []
     if what == "frames":
         for _ in range(reps):
             runs.append(uvloop.run(_frames(n or 3_000)))
+    elif what == "repair":
+        with tempfile.TemporaryDirectory(prefix="micro-") as tmp, redis_server(Path(tmp)) as url:
+            for _ in range(reps):
+                runs.append(uvloop.run(_repair(url, n or 1_000)))
     else:
         callers = 50 if what == "append50" else 1
         with tempfile.TemporaryDirectory(prefix="micro-") as tmp, redis_server(Path(tmp)) as url:
@@ -188,11 +244,16 @@ def measure(what: str, n: int = 0, reps: int = 3) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["append", "append50", "frames"])
+    parser.add_argument("what", choices=["append", "append50", "frames", "repair"])
     parser.add_argument("--n", type=int, default=0, help="operations per measurement")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
     medians = measure(args.what, args.n, args.reps)
+    if args.what == "repair":
+        print(f"repair: median of {args.reps}, wall time (one process, its own redis-server)")
+        for name, median in medians.items():
+            print(f"  {name:28} {median:8.1f}")
+        return 0
     unit = "CPU µs per frame" if args.what == "frames" else "CPU µs per append"
     print(f"{args.what}: median of {args.reps}, {unit} (this process only, not Redis)")
     base_name, base = next(iter(medians.items()))
