@@ -8,10 +8,11 @@ connections), ``_appends`` (concurrent appends to one topic coalesced),
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
 import random
-import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from . import _scripts
 from ._appends import Append, Coalescer
 from ._codec import config_value, packer, parse_entries, redis_errors, text, to_int
 from ._listener import Listener
-from ._pipeline import NotSent, Pipelines, ReplyLost, deadline
+from ._pipeline import NotSent, Pipelines, ReplyLost
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -42,18 +43,18 @@ _MISSING_REDIS = "RedisStore needs redis-py: pip install 'starlette-replay[redis
 def _now() -> float:
     """``anyio.current_time()`` on asyncio (the only backend of redis.asyncio), without
     looking the backend up: it is on every append's path, several times."""
-    import asyncio
-
     return asyncio.get_running_loop().time()
 
 
 def _new_epoch() -> str:
-    return secrets.token_hex(8)
+    """16 hex digits from the OS's CSPRNG (as ``secrets.token_hex(8)``, minus its
+    three Python layers: one is made for every append)."""
+    return os.urandom(8).hex()
 
 
-async def _retry_pause(attempt: int) -> None:
-    """Before a command's next attempt: 40 ms after the first, doubling, at most 0.5 s; jittered."""
-    await anyio.sleep(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+def _retry_pause(attempt: int) -> float:
+    """Seconds before a command's next attempt: 40 ms after the first, doubling, at most 0.5 s; jittered."""
+    return float(min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
 
 
 class RedisStore:
@@ -231,43 +232,63 @@ class RedisStore:
         conn: AbstractConnection = pool.connection_class(**kwargs)
         return conn
 
-    async def _execute(self, *args: Any, retry: bool = True, deadline_at: float | None = None) -> Any:
+    async def _execute(
+        self,
+        *args: Any,
+        script: _scripts.Script | None = None,
+        retry: bool = True,
+        deadline_at: float | None = None,
+    ) -> Any:
         """Run one command on the pipelined connections, within ``publish_timeout``.
 
-        Sends it again when it cannot have reached Redis (:class:`NotSent`), and
-        also after its reply was lost when ``retry`` says it is safe to run twice.
-        ``deadline_at`` (the event loop's clock) replaces ``publish_timeout`` from now.
-        Cancelling is safe (see ``Pipelines.call``).
+        With ``script``, ``args`` are its ``numkeys, *keys, *argv``: it is sent
+        by SHA (``EVALSHA``), and by its body once when Redis does not know it.
+        Sends the command again when it cannot have reached Redis
+        (:class:`NotSent`), and also after its reply was lost when ``retry``
+        says it is safe to run twice. ``deadline_at`` (the event loop's clock)
+        replaces ``publish_timeout`` from now. Raises ``StoreUnavailable`` (no
+        answer in time, a lost reply that is not retried) or ``StoreError``
+        (Redis refused it). Cancelling is safe (see ``Pipelines.call``).
         """
         errors = redis_errors()
-        packed = packer()(args)
+        pack = packer()
+        command = ("EVALSHA", script.sha, *args) if script is not None else args
+        packed = pack(command)
+        end = _now() + self.publish_timeout if deadline_at is None else deadline_at
         attempt = 0
         last_error: BaseException | None = None
         try:
-            async with deadline(_now() + self.publish_timeout if deadline_at is None else deadline_at):
-                while True:
-                    attempt += 1
-                    try:
-                        return await self._pipes.call(packed)
-                    except ReplyLost as exc:
-                        last_error = exc
-                        if not retry:
-                            raise StoreUnavailable(
-                                f"lost Redis while waiting for a reply (the write may or may not be stored): {exc}"
-                            ) from exc
-                    except NotSent as exc:
-                        last_error = exc
-                        if self._closed:
-                            raise StoreUnavailable(f"not sent: this RedisStore is closed ({exc})") from exc
-                    await _retry_pause(attempt)
+            while True:
+                attempt += 1
+                try:
+                    return await self._pipes.call(packed, end)
+                except ReplyLost as exc:
+                    last_error = exc
+                    if not retry:
+                        raise StoreUnavailable(
+                            f"lost Redis while waiting for a reply (the write may or may not be stored): {exc}"
+                        ) from exc
+                except NotSent as exc:
+                    last_error = exc
+                    if self._closed:
+                        raise StoreUnavailable(f"not sent: this RedisStore is closed ({exc})") from exc
+                except errors.NoScriptError:
+                    if script is None or command[0] == "EVAL":
+                        raise
+                    # not run: safe to send the body (Redis caches it for the next EVALSHA)
+                    command = ("EVAL", script.body, *args)
+                    packed = pack(command)
+                    continue
+                pause = _retry_pause(attempt)
+                if _now() + pause >= end:
+                    raise TimeoutError
+                await anyio.sleep(pause)
         except TimeoutError as exc:
             raise StoreUnavailable(
                 f"Redis did not answer within publish_timeout={self.publish_timeout}s (last error: {last_error!r})"
             ) from (last_error or exc)
-        except errors.NoScriptError:
-            raise  # for _eval, which then sends the script's body
         except errors.ResponseError as exc:
-            raise StoreError(f"Redis refused {text(args[0])}: {exc}") from exc
+            raise StoreError(f"Redis refused {text(command[0])}: {exc}") from exc
         except errors.RedisError as exc:
             raise StoreError(f"Redis failed: {exc}") from exc
 
@@ -280,15 +301,7 @@ class RedisStore:
         retry: bool = True,
         deadline_at: float | None = None,
     ) -> Any:
-        try:
-            return await self._execute(
-                "EVALSHA", script.sha, len(keys), *keys, *args, retry=retry, deadline_at=deadline_at
-            )
-        except redis_errors().NoScriptError:
-            # not run: safe to send the body (it is cached for the next EVALSHA)
-            return await self._execute(
-                "EVAL", script.body, len(keys), *keys, *args, retry=retry, deadline_at=deadline_at
-            )
+        return await self._execute(len(keys), *keys, *args, script=script, retry=retry, deadline_at=deadline_at)
 
     # --- the log ---------------------------------------------------------------------
 
@@ -338,7 +351,8 @@ class RedisStore:
         # A retry after the script was sent could store unkeyed events twice: only
         # a batch whose appends all have idempotency keys is retried.
         retry = all(request.key is not None for request in batch)
-        reply = await self._eval(_scripts.APPEND, self._keys(topic), args, retry=retry, deadline_at=deadline_at)
+        keys = self._keys(topic)
+        reply = await self._execute(4, *keys, *args, script=_scripts.APPEND, retry=retry, deadline_at=deadline_at)
         epoch, ms = text(reply[0]), to_int(reply[1])
         for request, result in zip(batch, reply[2:], strict=True):
             if isinstance(result, list):
