@@ -83,10 +83,10 @@ class Listener:
         self.health_check_interval = health_check_interval
         self.sink: LiveSink | None = None
         self.topics: dict[str, _Topic] = {}
-        self._by_channel: dict[str, str] = {}
+        self._by_channel: dict[bytes, str] = {}  # as Redis sends it -> topic
         self._conn: AbstractConnection | None = None  # the pub/sub connection, when up
         self._tasks: anyio.abc.TaskGroup | None = None  # the connection's: topic tasks, the writer
-        self._expect: dict[str, deque[bool]] = {}  # channel -> confirmations due (True: subscribe)
+        self._expect: dict[bytes, deque[bool]] = {}  # channel -> confirmations due (True: subscribe)
         self._outbox: list[tuple[str, str]] = []  # commands for the writer: (verb, channel or "")
         self._wakeup: asyncio.Future[None] | None = None
         self._reading_since: float | None = None  # when the pending read began
@@ -106,7 +106,7 @@ class Listener:
         state = self.topics.get(topic)
         if state is None:
             state = self.topics[topic] = _Topic(self._channel(topic))
-            self._by_channel[state.channel] = topic
+            self._by_channel[state.channel.encode()] = topic
             if self._conn is not None:
                 self._queue("SUBSCRIBE", state.channel)
         try:
@@ -124,14 +124,14 @@ class Listener:
         state = self.topics.pop(topic, None)
         if state is None:
             return
-        self._by_channel.pop(state.channel, None)
+        self._by_channel.pop(state.channel.encode(), None)
         if self._conn is not None:
             self._queue("UNSUBSCRIBE", state.channel)
 
     def _queue(self, verb: str, channel: str = "") -> None:
         """Queue a command for the connection's writer (sent at the end of this loop turn)."""
         if verb != "PING":
-            self._expect.setdefault(channel, deque()).append(verb == "SUBSCRIBE")
+            self._expect.setdefault(channel.encode(), deque()).append(verb == "SUBSCRIBE")
         self._outbox.append((verb, channel))
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -242,18 +242,19 @@ class Listener:
     # --- messages -------------------------------------------------------------------
 
     def _handle(self, reply: Any) -> None:
-        if not isinstance(reply, list) or not reply:
+        # RESP2, undecoded: [b"message", channel, payload], [b"subscribe", channel, n], ...
+        if not isinstance(reply, list) or len(reply) < 3:
             return  # PONG outside subscribed mode
-        kind = bytes(reply[0]).lower()
+        kind = reply[0]
         if kind == b"message":
-            topic = self._by_channel.get(text(reply[1]))
+            topic = self._by_channel.get(reply[1])
             if topic is None:
                 return
             state = self.topics[topic]
             if not state.based and not state.busy:
                 return  # from before this subscription was confirmed
             try:
-                events = parse_payload(topic, bytes(reply[2]))
+                events = parse_payload(topic, reply[2])
             except ValueError:
                 # not ours (someone else published on the channel): the stream is the truth
                 logger.warning("ignoring a malformed message on %s", text(reply[1]))
@@ -267,7 +268,7 @@ class Listener:
                     self._start(topic, state)
                     return
         elif kind in (b"subscribe", b"unsubscribe"):
-            channel = text(reply[1])
+            channel = reply[1]
             due = self._expect.get(channel)
             if due:
                 due.popleft()
