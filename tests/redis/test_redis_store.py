@@ -258,3 +258,25 @@ def test_packing_refuses_what_is_not_a_redis_argument() -> None:
 
     with pytest.raises(TypeError, match="NoneType"):
         pack_in_python(("SET", "k", None))
+
+
+async def test_a_store_connected_again_serves_its_new_hub(redis_server: RedisServer) -> None:
+    # Leaving connect() forgets the subscriptions (and closes the connections): the
+    # next hub gets its own topics' events and nothing of the old ones.
+    store = RedisStore.from_url(redis_server.url, prefix="again", publish_timeout=3)
+    try:
+        first = RecordingSink()
+        async with store.connect(first):
+            await store.subscribe("t")
+            await store.append("t", [("e", "1")])
+            await first.wait_for(lambda: len(first.of("t")) == 1)
+        second = RecordingSink()
+        async with store.connect(second):
+            await store.subscribe("u")
+            with redis_server.client() as client:
+                client.publish("again:{t}:live", "x|1|1|1|1:e1:1")  # a stray message on the old channel
+            (event,) = await store.append("u", [("e", "2")])
+            await second.wait_for(lambda: second.of("u") == [event])
+            assert second.of("t") == [] and second.resets == []
+    finally:
+        await store.aclose()

@@ -128,6 +128,11 @@ class Listener:
         if self._conn is not None:
             self._queue("UNSUBSCRIBE", state.channel)
 
+    def clear(self) -> None:
+        """Forget every topic (the store left its ``connect()``)."""
+        self.topics.clear()
+        self._by_channel.clear()
+
     def _queue(self, verb: str, channel: str = "") -> None:
         """Queue a command for the connection's writer (sent at the end of this loop turn)."""
         if verb != "PING":

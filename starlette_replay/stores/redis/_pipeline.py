@@ -160,6 +160,8 @@ class Pipe:
                     call.sent_at = now
                 self._in_flight.extend(calls)
                 packed = calls[0].packed if len(calls) == 1 else b"".join([call.packed for call in calls])
+                for call in calls:
+                    call.packed = b""  # written: not kept while the reply is awaited
                 await conn.send_packed_command(packed, check_health=False)
         except BaseException as exc:
             # A lost connection is the callers' news (through _fail), not the task's error.

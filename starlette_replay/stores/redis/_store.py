@@ -447,7 +447,7 @@ class RedisStore:
         finally:
             self._connected = False
             self._listener.sink = None
-            self._listener.topics.clear()
+            self._listener.clear()
             with anyio.CancelScope(shield=True):
                 await self._pipes.aclose()
 
