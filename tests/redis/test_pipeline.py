@@ -253,6 +253,42 @@ async def test_command_connections_killed_under_hundreds_in_flight_lose_nothing_
         assert sink.resets == []
 
 
+async def test_redis_killed_and_restarted_under_hundreds_in_flight_loses_nothing_acknowledged(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory(appendonly=True)  # appendfsync always: an acknowledged write survives kill -9
+    topics = [f"r{i}" for i in range(40)]
+    acked: list[Event] = []
+    async with connected(server.url, prefix="restart", publish_timeout=2) as (store, sink):
+        for topic in topics:
+            await store.subscribe(topic)
+        stop = anyio.Event()
+
+        async def publisher(p: int) -> None:
+            i = 0
+            while not stop.is_set():
+                topic = topics[(p + i) % len(topics)]
+                acked.append(await publish_keyed(store, topic, f"{p}-{i}", data(topic, p * 1_000_000 + i)))
+                i += 1
+
+        async with anyio.create_task_group() as tg:
+            for p in range(200):
+                tg.start_soon(publisher, p)
+            for round_ in range(2):
+                await sink.wait_for(lambda round_=round_: len(acked) >= 200 * (round_ + 1) * 3, timeout=30)
+                await anyio.to_thread.run_sync(server.restart)  # SIGKILL, then the same port and data
+            await sink.wait_for(lambda: len(acked) >= 200 * 9, timeout=30)  # publishing again after the last one
+            stop.set()
+        await sink.wait_for(lambda: len(sink.events) >= len(acked), timeout=30)
+        for topic in topics:
+            mine = sorted((e for e in acked if e.topic == topic), key=lambda e: e.offset)
+            stored = await store.read(topic, 0, 10_000)
+            assert stored == mine  # every acknowledged event stored once, in one epoch, nothing else
+            assert sink.of(topic) == stored
+        assert sink.resets == []
+        assert store.reconnects >= 3
+
+
 async def test_a_lost_reply_with_many_in_flight_fails_unkeyed_and_retries_keyed(redis_server: RedisServer) -> None:
     async with through_cutter(redis_server) as (store, _sink, cutter):
         await store.append("warm", [("e", "0")])  # the script is loaded: the EVALSHAs below run it
