@@ -244,6 +244,38 @@ async def test_a_head_that_moved_back_is_reported_as_lost_events(
         assert sink.of("t")[-1] == reused
 
 
+async def test_reused_offsets_past_the_old_head_are_reported_after_a_reconnect(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    # The failover of the test above, after which publishes carried the head past
+    # where it was before the listener came back: the head alone looks fine (6 > 5),
+    # but offsets 4 and 5 now hold other events. The event at the last offset
+    # delivered, compared by its time, tells.
+    server = redis_server_factory()
+    async with connected(server.url, prefix="p") as (store, sink):
+        await store.subscribe("t")
+        published = await store.append("t", [("e", str(i)) for i in range(3)])
+        with server.client() as client:
+            replica = {key: client.dump(key) for key in ("p:{t}:meta", "p:{t}:log")}
+        published += await store.append("t", [("e", str(i)) for i in range(3, 5)])
+        await sink.wait_for(lambda: len(sink.of("t")) == 5)
+        with server.client() as client:  # the failover, then three publishes nobody here heard live
+            for key, value in replica.items():
+                client.restore(key, 0, value, replace=True)
+            stamp = str(published[-1].time + 1000)
+            for offset in (4, 5, 6):
+                client.xadd("p:{t}:log", {"t": "e", "d": f'"new{offset}"', "ms": stamp}, id=f"{offset}-0")
+            client.hset("p:{t}:meta", "head", 6)
+            assert client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+        await sink.wait_for(lambda: len(sink.resets) == 1)
+        assert sink.resets[0][0] == "t" and "reused their offsets" in sink.resets[0][1]
+        assert len(sink.of("t")) == 5  # nothing of the new history was passed off as a continuation
+        (after,) = await store.append("t", [("e", "after")])
+        assert (after.epoch, after.offset) == (published[0].epoch, 7)
+        await sink.wait_for(lambda: len(sink.of("t")) == 6)
+        assert sink.of("t")[-1] == after
+
+
 async def test_a_restart_that_lost_the_data_resets_live_topics_and_starts_a_new_epoch(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:

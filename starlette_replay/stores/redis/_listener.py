@@ -51,13 +51,14 @@ ReadState = Callable[[str, int, int], Awaitable[tuple[Position | None, Any]]]
 class _Topic:
     """What the listener knows of one subscribed topic."""
 
-    __slots__ = ("based", "busy", "channel", "confirm", "epoch", "held", "last", "ready")
+    __slots__ = ("based", "busy", "channel", "confirm", "epoch", "held", "last", "last_time", "ready")
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
         self.based = False  # baseline read after Redis confirmed the subscription
         self.epoch: str | None = None  # None: the topic did not exist at the baseline
         self.last = 0
+        self.last_time: int | None = None  # the `time` of the event delivered at `last`, once one was
         self.ready = anyio.Event()
         self.busy = False  # a task of its own is handling it: messages wait in `held`
         self.held: list[Event] = []
@@ -312,14 +313,20 @@ class Listener:
                         if self.topics.get(topic) is not state:
                             return
                         if state.epoch == event.epoch and event.offset == state.last + 1:
-                            state.last = event.offset
-                            self._deliver(event)
+                            self._deliver(state, event)
         finally:
             state.busy = False
 
     async def _confirmed(self, topic: str, state: _Topic) -> None:
-        """Redis confirmed ``topic``: set its baseline, or repair it after a reconnect."""
-        position, _ = await self._read_state(topic, 0, 0)
+        """Redis confirmed ``topic``: set its baseline, or repair it after a reconnect.
+
+        After a reconnect the event at the last offset delivered is read too: an
+        event with another ``time`` there means Redis lost acknowledged events
+        and reused their offsets (a fail-over to a replica that missed them, an
+        old AOF), even where new publishes carried the head past where it was.
+        """
+        check = state.based and state.last > 0 and state.last_time is not None
+        position, entries = await self._read_state(topic, state.last - 1 if check else 0, 1 if check else 0)
         if self.topics.get(topic) is not state:
             return
         if not state.based:
@@ -342,6 +349,12 @@ class Listener:
             # or an old AOF). Offsets will be reused; the clients must hear of it.
             self._reset(topic, state, "Redis lost acknowledged events (head moved back)", position.epoch, position.head)
             return
+        elif check and position.oldest <= state.last:  # still retained: it must be the one delivered
+            held = parse_entries(topic, position.epoch, entries)
+            if not held or held[0].offset != state.last or held[0].time != state.last_time:
+                reason = "Redis lost acknowledged events and reused their offsets (another event at one delivered)"
+                self._reset(topic, state, reason, position.epoch, position.head)
+                return
         if position.head > state.last:
             await self._repair(topic, state, position.head)
 
@@ -357,13 +370,12 @@ class Listener:
             return True
         if event.offset > state.last + 1:
             return False
-        state.last = event.offset
-        self._deliver(event)
+        self._deliver(state, event)
         return True
 
     def _reset(self, topic: str, state: _Topic, reason: str, epoch: str | None, last: int) -> None:
         self.resets += 1
-        state.epoch, state.last = epoch, last
+        state.epoch, state.last, state.last_time = epoch, last, None
         logger.warning("cannot vouch for live events of %r: %s", topic, reason)
         if self.sink is not None:
             self.sink.reset(topic, reason)
@@ -385,10 +397,12 @@ class Listener:
                 if event.offset != state.last + 1:  # a hole inside the stream (XDEL)
                     self._reset(topic, state, "live events missed and no longer retained", epoch, upto)
                     return
-                state.last = event.offset
-                self._deliver(event)
+                self._deliver(state, event)
 
-    def _deliver(self, event: Event) -> None:
+    def _deliver(self, state: _Topic, event: Event) -> None:
+        """``event`` is the topic's next one: remember where it stands, hand it on."""
+        state.last = event.offset
+        state.last_time = event.time
         sink = self.sink
         if sink is not None:
             sink.deliver(event)
