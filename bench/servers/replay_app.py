@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,11 +30,11 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bench._script import PREFIX, append_call, append_keys, append_script
 from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
 
 STORE = os.environ.get("BENCH_STORE", "memory")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
-PREFIX = "replay"  # the store's default prefix: the raw baselines use the same keys
 
 store = RedisStore.from_url(REDIS_URL) if STORE == "redis" else MemoryStore()
 replay = Replay(store, authorize=allow_all, allowed_origins=["*"])
@@ -69,15 +68,10 @@ async def publish(request: Request) -> JSONResponse:
     return JSONResponse(result)
 
 
-def _keys(topic: str) -> list[str]:
-    base = f"{PREFIX}:{{{topic}}}:"
-    return [base + "meta", base + "log", base + "idem", base + "idemz"]
-
-
 async def publish_bench(request: Request) -> JSONResponse:
     q = request.query_params
     topic, n, concurrency, mode = q["topic"], int(q["n"]), int(q.get("c", "1")), q.get("mode", "lib")
-    keys = _keys(topic)
+    keys = append_keys(topic)
     channel = f"{PREFIX}:{{{topic}}}:live"
 
     if mode == "lib":
@@ -86,15 +80,12 @@ async def publish_bench(request: Request) -> JSONResponse:
             await replay.publish(topic, TOPIC_EVENT, data_for(i, time.monotonic_ns()))
 
     elif mode == "raw-script":
-        from starlette_replay.stores.redis import _APPEND_BATCH  # the library's own script: the same Redis work
-
-        sha = await raw_client.script_load(_APPEND_BATCH)
+        sha = await raw_client.script_load(append_script())  # the library's own script: the same Redis work
 
         async def one(i: int) -> None:
             raw = json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
-            epoch = secrets.token_hex(8)
             # one segment: no idempotency key, one event
-            await raw_client.evalsha(sha, 4, *keys, epoch, 10_000, 0, channel, 1, "", 1, TOPIC_EVENT, raw)
+            await raw_client.evalsha(sha, *append_call(topic, TOPIC_EVENT, raw))
 
     elif mode == "raw-xadd":
 
@@ -126,7 +117,7 @@ async def raw_catchup(websocket: WebSocket) -> None:
     try:
         request = json.loads(await websocket.receive_text())
         topic, after = request["topic"], int(request.get("after", 0))
-        log = _keys(topic)[1]
+        log = append_keys(topic)[1]
         start = f"{after + 1}-0"
         while True:
             entries = await raw_client.xrange(log, min=start, max="+", count=500)
