@@ -9,6 +9,16 @@ this server holds the baselines that need the same Redis data:
   ``lib`` goes through ``replay.publish``; ``raw-script`` runs the library's own
   append script with redis-py (EVALSHA, same keys and arguments: the same Redis
   work without the library); ``raw-xadd`` is a pipelined XADD + PUBLISH.
+- ``POST /publish-topics-bench?topic=P&topics=N&n=M&mode=lib|raw-pool|raw-pipeline``:
+  N concurrent publishers, one per topic ``P-0`` .. ``P-(N-1)``, each publishes M
+  events, timed in the server. Each measurement makes its own client and
+  closes it after (so the Redis connections seen are its own). ``lib``: a new
+  ``RedisStore.from_url`` and ``store.append(topic, [(type, raw)])``;
+  ``raw-pool``: EVALSHA of the library's append script with redis-py over a
+  ``BlockingConnectionPool(max_connections=50)``; ``raw-pipeline`` (the
+  ceiling): the same EVALSHA on ONE connection, every topic's next append in
+  one pipeline (``transaction=False``) per round.
+- ``POST /publish-topics``: the shared topics trigger (bench/servers/_common.py).
 - ``WS /raw``: the catch-up baseline: after a first frame
   ``{"topic": T, "after": N}`` it reads the topic's stream with XRANGE pages of
   500 and sends each entry as an ``event`` frame, no library involved.
@@ -23,7 +33,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from _common import TOPIC_EVENT, data_for, drive, query_params
+from _common import TOPIC_EVENT, data_for, drive, drive_topics, query_params, topics_params
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -66,6 +76,15 @@ async def publish(request: Request) -> JSONResponse:
     position = await replay.position(topic)
     result.update(epoch=position.epoch, head=position.head)
     return JSONResponse(result)
+
+
+async def publish_topics(request: Request) -> JSONResponse:
+    topics, n = topics_params(request.query_params)
+
+    async def one(topic: str, i: int, data: dict[str, Any]) -> None:
+        await replay.publish(topic, TOPIC_EVENT, data)
+
+    return JSONResponse(await drive_topics(one, topics, n))
 
 
 async def publish_bench(request: Request) -> JSONResponse:
@@ -112,6 +131,67 @@ async def publish_bench(request: Request) -> JSONResponse:
     return JSONResponse({"n": total, "c": concurrency, "mode": mode, "seconds": seconds, "rate": total / seconds})
 
 
+def _raw(i: int) -> str:
+    return json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
+
+
+async def publish_topics_bench(request: Request) -> JSONResponse:
+    import redis.asyncio
+
+    topics, n = topics_params(request.query_params)
+    mode = request.query_params.get("mode", "lib")
+    start = 0.0
+
+    async def each_topic(one: Any) -> None:
+        async def publisher(topic: str) -> None:
+            for i in range(n):
+                await one(topic, i)
+
+        nonlocal start
+        start = time.perf_counter()
+        await asyncio.gather(*(publisher(topic) for topic in topics))
+
+    if mode == "lib":
+        lib = RedisStore.from_url(REDIS_URL)
+
+        async def append(topic: str, i: int) -> None:
+            await lib.append(topic, [(TOPIC_EVENT, _raw(i))])
+
+        try:
+            await each_topic(append)
+            seconds = time.perf_counter() - start
+        finally:
+            await lib.aclose()
+    elif mode in ("raw-pool", "raw-pipeline"):
+        pool = redis.asyncio.BlockingConnectionPool.from_url(REDIS_URL, max_connections=50 if mode == "raw-pool" else 1)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        try:
+            sha = await client.script_load(append_script())
+            if mode == "raw-pool":
+
+                async def evalsha(topic: str, i: int) -> None:
+                    await client.evalsha(sha, *append_call(topic, TOPIC_EVENT, _raw(i)))
+
+                await each_topic(evalsha)
+            else:
+                start = time.perf_counter()
+                for i in range(n):  # a round: every topic's next append, one pipeline
+                    pipe = client.pipeline(transaction=False)
+                    for topic in topics:
+                        pipe.evalsha(sha, *append_call(topic, TOPIC_EVENT, _raw(i)))
+                    await pipe.execute()
+            seconds = time.perf_counter() - start
+        finally:
+            await client.aclose()
+            await pool.disconnect()
+    else:
+        return JSONResponse({"error": f"unknown mode {mode!r}"}, status_code=400)
+    total = n * len(topics)
+    return JSONResponse(
+        {"topics": len(topics), "n": n, "events": total, "mode": mode, "seconds": seconds, "rate": total / seconds}
+    )
+
+
 async def raw_catchup(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
@@ -145,7 +225,9 @@ app = Starlette(
         replay.route("/ws"),
         WebSocketRoute("/raw", raw_catchup),
         Route("/publish", publish, methods=["POST"]),
+        Route("/publish-topics", publish_topics, methods=["POST"]),
         Route("/publish-bench", publish_bench, methods=["POST"]),
+        Route("/publish-topics-bench", publish_topics_bench, methods=["POST"]),
         Route("/health", health),
     ],
     lifespan=lifespan,
