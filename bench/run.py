@@ -600,7 +600,7 @@ PUBLISH_TOPICS_MODES = {"raw-pool": "raw-redis-pool", "lib": "replay-redis", "ra
 
 def bench_publish_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
     """N concurrent publishers on N topics: RedisStore against raw redis-py (a pool of 50, one pipelined connection)."""
-    sizes = [(1, 20), (20, 5)] if cfg.quick else [(1, 4_000), (50, 200), (2_000, 10)]
+    sizes = [(1, 20), (20, 5)] if cfg.quick else [(1, 20_000), (50, 1_000), (2_000, 15)]
     if cfg.sizes:
         sizes = [size for size in sizes if size[0] in cfg.sizes]
     rows = []
