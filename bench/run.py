@@ -549,7 +549,7 @@ TOPICS_CONTENDERS = ["bare", "replay-memory", "replay-redis", "broadcaster-redis
 
 def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
     """N clients, each on a topic of its own, and N publishers at once (one per topic)."""
-    sizes = [(3, 20)] if cfg.quick else [(100, 100), (1000, 20), (5000, 5)]
+    sizes = [(3, 20)] if cfg.quick else [(100, 300), (1000, 30), (5000, 5)]
     if cfg.sizes:
         sizes = [size for size in sizes if size[0] in cfg.sizes]
     rows = []
