@@ -186,15 +186,17 @@ class RedisClients:
     ``seen``: the most ``connected_clients`` seen, this sampler's own left out
     (a peak shorter than ``interval`` can be missed); ``before``: the same at
     entry; ``opened``: connections Redis accepted in the block
-    (``total_connections_received``: exact, not sampled). Bounded: each read has
+    (``total_connections_received``: exact, not sampled). With ``idle``, entry
+    first waits (bounded) until Redis has at most that many other clients. Bounded: each read has
     a timeout, the thread is joined with one; a sampler that failed raises at exit.
     """
 
-    def __init__(self, url: str, interval: float = 0.05) -> None:
+    def __init__(self, url: str, interval: float = 0.05, idle: int | None = None) -> None:
         netloc = url.split("//", 1)[1].split("/", 1)[0]
         host, _, port = netloc.rpartition(":")
         self.address = (host, int(port))
         self.interval = interval
+        self.idle = idle  # at entry, first wait until Redis has at most this many other clients
         self.samples: list[tuple[int, int]] = []  # (connected_clients, total_connections_received)
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -219,6 +221,18 @@ class RedisClients:
             return int(fields["connected_clients"]), int(fields["total_connections_received"])
         except KeyError as exc:
             raise BenchError(f"INFO clients stats: no {exc}") from exc
+
+    def wait_for_at_most(self, connections: int, timeout: float = 10.0) -> None:
+        """Until Redis reports at most ``connections`` clients besides this one: the
+        closes of a client that just ended reach Redis a moment after it returns."""
+        deadline = time.monotonic() + timeout
+        while True:
+            connected = self.sample()[0] - 1
+            if connected <= connections:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"Redis still has {connected} clients after {timeout} s (expected {connections})")
+            self._stop.wait(0.01)  # a poll interval: the condition is re-read above
 
     def _recv(self) -> bytes:
         assert self._sock is not None
@@ -255,7 +269,13 @@ class RedisClients:
 
     def __enter__(self) -> RedisClients:
         self._sock = socket.create_connection(self.address, timeout=5)
-        self.samples.append(self.sample())
+        try:
+            if self.idle is not None:
+                self.wait_for_at_most(self.idle)
+            self.samples.append(self.sample())
+        except BaseException:
+            self._sock.close()
+            raise
         self._thread.start()
         return self
 
@@ -621,7 +641,9 @@ def bench_publish_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dic
                     for mode in modes:
                         name = PUBLISH_TOPICS_MODES[mode]
                         try:
-                            with RedisClients(redis_url, interval=0.01 if cfg.quick else 0.05) as redis_clients:
+                            # idle=0: the previous measurement's client has closed all its connections
+                            interval = 0.01 if cfg.quick else 0.05
+                            with RedisClients(redis_url, interval=interval, idle=0) as redis_clients:
                                 r = srv.post(
                                     f"/publish-topics-bench?topic={topic()}&topics={publishers}&n={events}&mode={mode}",
                                     timeout=300,
