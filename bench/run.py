@@ -32,7 +32,6 @@ import argparse
 import http.client
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -48,6 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.client import raise_nofile
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -292,15 +293,6 @@ class RedisClients:
             raise BenchError("the INFO clients sampler did not stop")
         if self.error is not None and exc_info[0] is None:
             raise BenchError(f"the INFO clients sampler failed: {self.error!r}") from self.error
-
-
-def raise_nofile(wanted: int = 65536) -> None:
-    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (at most the hard limit); the
-    servers and clients started from here inherit it (a socket per connection)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 @dataclass
@@ -807,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every server and redis-server started here is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    raise_nofile()
+    raise_nofile(65536)  # the servers and clients started from here inherit it
     cfg = Config(quick=args.quick, reps=args.reps, contenders=args.contenders.split(","))
     cfg.sizes = [int(n) for n in args.clients.split(",") if n]
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
