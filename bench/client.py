@@ -12,7 +12,10 @@ Modes (``--mode``):
   ``POST /publish`` (the trigger) and wait until every connection has
   ``--events`` events. Reports delivered events/s from the trigger to the last
   frame, gaps and duplicates (from ``s``), closes, and with ``--latency`` the
-  publish-to-receive latency from ``t``.
+  publish-to-receive latency from ``t``. With ``--distinct``, connection i
+  subscribes to a topic of its own, ``<--topic>-<i>``, and the trigger is
+  ``POST /publish-topics`` (one publisher per topic, all at once, ``--events``
+  each); gaps and duplicates are still counted per connection, so per topic.
 - ``catchup``: one connection sends a resume (``--kind replay``: a ``subscribe``
   with ``--epoch``/``--after``; ``--kind raw``: ``{"topic", "after"}`` to the
   raw loop) and waits for ``--events`` events.
@@ -32,8 +35,10 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -240,12 +245,19 @@ class Conn(asyncio.Protocol):
             self.ready.set_exception(RuntimeError(f"closed ({how}) before subscribed"))
 
 
-def _first_frame(args: argparse.Namespace) -> str:
+def _topic(args: argparse.Namespace, index: int) -> str:
+    """Connection ``index``'s topic: ``--topic``, or with ``--distinct`` one of its own
+    (as bench/servers/_common.py's ``topic_name`` names the publishers' topics)."""
+    return f"{args.topic}-{index}" if args.distinct else str(args.topic)
+
+
+def _first_frame(args: argparse.Namespace, index: int = 0) -> str:
+    topic = _topic(args, index)
     if args.kind == "socketio":
-        return "42" + json.dumps(["subscribe", {"topic": args.topic}])
+        return "42" + json.dumps(["subscribe", {"topic": topic}])
     if args.kind == "raw":
-        return json.dumps({"topic": args.topic, "after": args.after})
-    frame: dict[str, Any] = {"type": "subscribe", "topic": args.topic}
+        return json.dumps({"topic": topic, "after": args.after})
+    frame: dict[str, Any] = {"type": "subscribe", "topic": topic}
     if args.epoch is not None:
         frame.update(epoch=args.epoch, offset=args.after)
     return json.dumps(frame)
@@ -257,16 +269,17 @@ async def _connect(run: Run, args: argparse.Namespace, count: int) -> list[Conn]
     path = url.path or "/"
     if args.kind == "socketio":
         path = "/socket.io/?EIO=4&transport=websocket"
-    first = _first_frame(args)
     loop = asyncio.get_running_loop()
     conns: list[Conn] = []
     batch = 100  # stay well below the server's listen backlog
+
+    def factory(index: int) -> Callable[[], Conn]:
+        first = _first_frame(args, index)
+        return lambda: Conn(run, first, path, f"{host}:{port}")
+
     for at in range(0, count, batch):
         made = await asyncio.gather(
-            *(
-                loop.create_connection(lambda: Conn(run, first, path, f"{host}:{port}"), host, port)
-                for _ in range(min(batch, count - at))
-            )
+            *(loop.create_connection(factory(at + k), host, port) for k in range(min(batch, count - at)))
         )
         conns.extend(protocol for _, protocol in made)
         if args.mode != "catchup":
@@ -277,8 +290,11 @@ async def _connect(run: Run, args: argparse.Namespace, count: int) -> list[Conn]
 async def _trigger(args: argparse.Namespace) -> dict[str, Any]:
     url = urlsplit(args.http)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    query = f"topic={args.topic}&n={args.events}&rate={args.rate}"
-    request = f"POST /publish?{query} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    if args.distinct:
+        route, query = "/publish-topics", f"topic={args.topic}&topics={args.clients}&n={args.events}"
+    else:
+        route, query = "/publish", f"topic={args.topic}&n={args.events}&rate={args.rate}"
+    request = f"POST {route}?{query} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     writer.write(request.encode())
     response = await reader.read()
     writer.close()
@@ -310,10 +326,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         timed_out = False
         if args.mode == "fanout":
             trigger_task = asyncio.ensure_future(_trigger(args))
-        try:
-            await asyncio.wait_for(run.done.wait(), args.timeout)
-        except asyncio.TimeoutError:
-            timed_out = True
+        done = asyncio.ensure_future(run.done.wait())
+        waits: set[asyncio.Future[Any]] = {done, trigger_task} if args.mode == "fanout" else {done}
+        deadline = time.monotonic() + args.timeout
+        while not done.done():  # all delivered, or the trigger failed (then it raises below), or the timeout
+            left = max(0.0, deadline - time.monotonic())
+            finished, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not finished:
+                timed_out = True
+                break
+            if args.mode == "fanout" and trigger_task.done() and trigger_task.exception() is not None:
+                break
+            waits -= finished
+        done.cancel()
         if args.mode == "fanout":
             trigger = await asyncio.wait_for(trigger_task, args.timeout)
         else:
@@ -335,6 +360,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "duplicates": sum(c.dups for c in conns),
             "short_clients": sum(1 for c in conns if c.received < args.events),
             "closes": run.closes,
+            "topics": count if args.distinct else 1,
             "timed_out": timed_out,
             "publish": trigger,
         }
@@ -365,6 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=1000)
     p.add_argument("--rate", type=float, default=0.0, help="events/s, open loop (0: back to back)")
     p.add_argument("--topic", default="bench")
+    p.add_argument("--distinct", action="store_true", help="fanout: a topic per connection, <topic>-<i>")
     p.add_argument("--epoch", default=None)
     p.add_argument("--after", type=int, default=0)
     p.add_argument("--latency", action="store_true")
@@ -373,8 +400,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def raise_nofile(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (at most the hard limit): a
+    socket per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 if __name__ == "__main__":
     arguments = parse_args()
+    raise_nofile(arguments.clients + 256)
     try:
         import uvloop
     except ImportError:  # pragma: no cover

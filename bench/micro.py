@@ -37,9 +37,9 @@ import anyio
 import uvloop
 from starlette.websockets import WebSocket
 
+from bench._script import append_call, append_script
 from bench.run import redis_server
 from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
-from starlette_replay.stores.redis._scripts import APPEND
 
 
 def _data(i: int) -> str:
@@ -60,13 +60,11 @@ async def _appends(url: str, n: int, callers: int) -> dict[str, float]:
     raw = redis.asyncio.Redis.from_url(url)
     store = RedisStore.from_url(url)
     topic = "m-" + secrets.token_hex(4)
-    base = f"replay:{{{topic}}}:"
-    keys = [base + "meta", base + "log", base + "idem", base + "idemz"]
-    sha = await raw.script_load(APPEND.body)
+    sha = await raw.script_load(append_script())
 
     async def raw_one(i: int) -> None:
         # the library's append script for one event, as the publish benchmark's raw loop runs it
-        await raw.evalsha(sha, 4, *keys, secrets.token_hex(8), 10_000, 0, base + "live", 1, "", 1, "e", _data(i))
+        await raw.evalsha(sha, *append_call(topic, "e", _data(i)))
 
     async def lib_one(i: int) -> None:
         await store.append(topic, [("e", _data(i))])

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.run import RESULTS, ROOT, TABLES
+from bench.run import CEILINGS, RESULTS, ROOT, TABLES
 
 ORDER = [
     "bare",
@@ -25,6 +25,8 @@ ORDER = [
     "raw-redis-loop",
     "raw-redis-script",
     "raw-xadd-publish",
+    "raw-redis-pool",
+    "raw-redis-pipeline",
 ]
 
 
@@ -47,27 +49,48 @@ def markdown(benchmark: str, result: dict[str, Any]) -> str:
         "bytes_per_connection": "bytes/connection",
     }[figure]
     head = [*keys, "contender", f"median {label}", f"ratio to {baseline}"]
+    measured = [e for e in result["table"] if e["median"] is not None]
     if benchmark == "latency":
         head += ["p50 ms", "max ms"]
-    cpu = benchmark == "fanout" and all("cpu_us" in e for e in result["table"])
+    ceiling = CEILINGS.get(benchmark)
+    if ceiling:
+        head.append(f"ratio to {ceiling}")
+    cpu = benchmark in ("fanout", "topics") and all("cpu_us" in e for e in measured)
     if cpu:
         head.append("server CPU µs/event")
-    if benchmark in ("fanout", "latency", "catchup"):
+    connections = any("redis_connections" in e for e in result["table"])
+    if connections:
+        head += ["Redis connections seen", "opened"]
+    if benchmark in ("fanout", "latency", "catchup", "topics"):
         head += ["gaps", "dups", "server closes"]
     head.append("runs")
+    failures = any(e.get("failed") for e in result["table"])
+    if failures:
+        head.append("failed runs")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = sorted(result["table"], key=lambda e: (tuple(e[k] for k in keys), _rank(e)))
     for entry in table:
         cells = [str(entry[k]).removesuffix(".0") for k in keys]
+        if entry["median"] is None:  # every run failed
+            cells += [entry["contender"], "failed: " + entry["error"].replace("|", "/")]
+            cells += [""] * (len(head) - len(cells) - 2) + [str(entry["runs"]), str(entry["failed"])]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         cells += [entry["contender"], _fmt(entry["median"])]
         cells.append("-" if entry["ratio"] is None else f"{entry['ratio']:.2f}x")
         if benchmark == "latency":
             cells += [f"{entry['p50']:.2f}", f"{entry['max']:.2f}"]
+        if ceiling:
+            cells.append("-" if entry.get("ceiling_ratio") is None else f"{entry['ceiling_ratio']:.2f}x")
         if cpu:
             cells.append(f"{entry['cpu_us']:,.0f}")
-        if benchmark in ("fanout", "latency", "catchup"):
+        if connections:
+            cells += [f"{entry['redis_connections']:,}", f"{entry['redis_connections_opened']:,}"]
+        if benchmark in ("fanout", "latency", "catchup", "topics"):
             cells += [str(entry["gaps"]), str(entry["duplicates"]), str(entry.get("closes", 0))]
         cells.append(str(entry["runs"]))
+        if failures:
+            cells.append(str(entry.get("failed", 0)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -7,17 +7,23 @@ Usage (from the repository root, after ``bench/setup.sh`` for the peers)::
     .venv/bin/python -m bench.run catchup    # resume after K = 10,000 missed events
     .venv/bin/python -m bench.run publish    # sequential and 50 concurrent publishers (RedisStore)
     .venv/bin/python -m bench.run memory     # RSS per idle subscribed connection, 2,000 connections
+    .venv/bin/python -m bench.run topics     # N clients on N topics, a publisher per topic; N = 100, 1000, 5000
+    .venv/bin/python -m bench.run publish-topics  # N concurrent publishers on N topics (RedisStore); N = 1, 50, 2000
     .venv/bin/python -m bench.run all
 
 Options: ``--reps 3`` (medians of that many runs), ``--quick`` (tiny sizes, for
-the smoke test), ``--contenders a,b``. Each server is a uvicorn process of its
+the smoke test), ``--contenders a,b``, ``--clients 100,1000`` (only these sizes: fanout's and
+topics' clients, publish-topics' publishers). Each server is a uvicorn process of its
 own (uvloop, httptools, ``--ws websockets-sansio``, which is what ``--ws auto``
 picks with websockets installed), started fresh for every measurement on a free
 port of 127.0.0.1; the lean client (``bench/client.py``) runs in another
 process. The runner starts its own redis-server on a free port in a temporary
 directory (``appendonly yes``, ``appendfsync everysec``). Every step has a
 timeout. Results go to ``bench/results/<benchmark>.json`` and a table of
-medians with ratios to the baseline is printed.
+medians with ratios to the baseline is printed. ``topics`` and
+``publish-topics`` also sample ``INFO clients`` of that redis-server every
+50 ms during each measurement and report the most connections seen (the
+sampler's own left out).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,6 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.client import raise_nofile
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -111,7 +120,7 @@ class Config:
     reps: int = 3
     contenders: list[str] = field(default_factory=lambda: list(CONTENDERS))
     verbose: bool = True
-    sizes: list[int] = field(default_factory=list)  # fanout: only these client counts (empty: all)
+    sizes: list[int] = field(default_factory=list)  # fanout, topics, publish-topics: only these sizes (empty: all)
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -168,6 +177,122 @@ def redis_server(workdir: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         _stop(process)
+
+
+class RedisClients:
+    """Samples ``INFO clients stats`` of a redis-server from a thread, on a connection
+    of its own, every ``interval`` seconds while in the ``with`` block (and once at
+    entry and at exit).
+
+    ``seen``: the most ``connected_clients`` seen, this sampler's own left out
+    (a peak shorter than ``interval`` can be missed); ``before``: the same at
+    entry; ``opened``: connections Redis accepted in the block
+    (``total_connections_received``: exact, not sampled). With ``idle``, entry
+    first waits (bounded) until Redis has at most that many other clients. Bounded: each read has
+    a timeout, the thread is joined with one; a sampler that failed raises at exit.
+    """
+
+    def __init__(self, url: str, interval: float = 0.05, idle: int | None = None) -> None:
+        netloc = url.split("//", 1)[1].split("/", 1)[0]
+        host, _, port = netloc.rpartition(":")
+        self.address = (host, int(port))
+        self.interval = interval
+        self.idle = idle  # at entry, first wait until Redis has at most this many other clients
+        self.samples: list[tuple[int, int]] = []  # (connected_clients, total_connections_received)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name="redis-clients", daemon=True)
+
+    def sample(self) -> tuple[int, int]:
+        """One read: connected_clients (this connection included), total_connections_received."""
+        assert self._sock is not None
+        self._sock.sendall(b"INFO clients stats\r\n")
+        data = b""
+        while b"\r\n" not in data:
+            data += self._recv()
+        header, _, body = data.partition(b"\r\n")
+        if not header.startswith(b"$"):
+            raise BenchError(f"INFO clients: unexpected reply {data[:100]!r}")
+        size = int(header[1:])
+        while len(body) < size + 2:
+            body += self._recv()
+        fields = dict(line.split(":", 1) for line in body[:size].decode().splitlines() if ":" in line)
+        try:
+            return int(fields["connected_clients"]), int(fields["total_connections_received"])
+        except KeyError as exc:
+            raise BenchError(f"INFO clients stats: no {exc}") from exc
+
+    def wait_for_at_most(self, connections: int, timeout: float = 10.0) -> None:
+        """Until Redis reports at most ``connections`` clients besides this one: the
+        closes of a client that just ended reach Redis a moment after it returns."""
+        deadline = time.monotonic() + timeout
+        while True:
+            connected = self.sample()[0] - 1
+            if connected <= connections:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"Redis still has {connected} clients after {timeout} s (expected {connections})")
+            self._stop.wait(0.01)  # a poll interval: the condition is re-read above
+
+    def _recv(self) -> bytes:
+        assert self._sock is not None
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise BenchError("INFO clients: redis-server closed the connection")
+        return chunk
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self.samples.append(self.sample())
+        except BaseException as exc:  # reported at exit
+            self.error = exc
+
+    @property
+    def before(self) -> int:
+        return self.samples[0][0] - 1
+
+    @property
+    def seen(self) -> int:
+        return max(connected for connected, _ in self.samples) - 1
+
+    @property
+    def opened(self) -> int:
+        return self.samples[-1][1] - self.samples[0][1]
+
+    def report(self) -> dict[str, int]:
+        return {
+            "redis_connections": self.seen,
+            "redis_connections_before": self.before,
+            "redis_connections_opened": self.opened,
+        }
+
+    def __enter__(self) -> RedisClients:
+        self._sock = socket.create_connection(self.address, timeout=5)
+        try:
+            if self.idle is not None:
+                self.wait_for_at_most(self.idle)
+            self.samples.append(self.sample())
+        except BaseException:
+            self._sock.close()
+            raise
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        try:
+            if self.error is None and not self._thread.is_alive():
+                self.samples.append(self.sample())
+        finally:
+            assert self._sock is not None
+            self._sock.close()
+        if self._thread.is_alive():
+            raise BenchError("the INFO clients sampler did not stop")
+        if self.error is not None and exc_info[0] is None:
+            raise BenchError(f"the INFO clients sampler failed: {self.error!r}") from self.error
 
 
 @dataclass
@@ -256,7 +381,10 @@ def client(
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"client against {srv.contender.name} did not finish") from exc
     if done.returncode != 0:
-        raise BenchError(f"client against {srv.contender.name} failed:\n{done.stderr.decode()[-3000:]}")
+        raise BenchError(
+            f"client against {srv.contender.name} failed:\n{done.stderr.decode()[-3000:]}\n"
+            f"server log:\n{srv.log.read_text(errors='replace')[-3000:]}"
+        )
     result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     return result
 
@@ -265,9 +393,9 @@ def topic() -> str:
     return "b-" + uuid.uuid4().hex[:8]
 
 
-def warm_up(srv: Server) -> None:
+def warm_up(srv: Server, *options: str) -> None:
     """A few events to a few clients: imports and first-call costs out of the figures."""
-    client(srv, "--clients", "2", "--events", "100", "--topic", topic(), timeout=30)
+    client(srv, "--clients", "2", "--events", "100", "--topic", topic(), *options, timeout=30)
 
 
 # --- the benchmarks ---------------------------------------------------------------------
@@ -428,6 +556,105 @@ def bench_memory(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
     return rows
 
 
+TOPICS_CONTENDERS = ["bare", "replay-memory", "replay-redis", "broadcaster-redis", "socketio-redis"]
+
+
+def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """N clients, each on a topic of its own, and N publishers at once (one per topic)."""
+    sizes = [(3, 20)] if cfg.quick else [(100, 300), (1000, 30), (5000, 5)]
+    if cfg.sizes:
+        sizes = [size for size in sizes if size[0] in cfg.sizes]
+    rows = []
+    for rep in range(cfg.reps):
+        for clients, events in sizes:
+            for contender in _runnable(cfg, TOPICS_CONTENDERS):
+                try:
+                    with server(contender, redis_url, workdir) as srv:
+                        warm_up(srv, "--distinct")
+                        cpu = srv.cpu_seconds()
+                        with RedisClients(redis_url, interval=0.01 if cfg.quick else 0.05) as redis_clients:
+                            r = client(
+                                srv,
+                                *("--clients", str(clients), "--events", str(events), "--topic", topic()),
+                                "--distinct",
+                                timeout=300,
+                            )
+                        # the whole client run (handshakes, subscribes), per event published (and delivered once)
+                        r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / (clients * events)
+                except BenchError as exc:  # reported as a failed run; the others go on
+                    why = _failure(str(exc))
+                    cfg.log(f"  topics rep {rep} N={clients} {contender.name}: FAILED: {why}")
+                    rows.append({"contender": contender.name, "rep": rep, "clients": clients, "error": why})
+                    continue
+                r.update(redis_clients.report())
+                cfg.log(
+                    f"  topics rep {rep} N={clients} {contender.name}: {r['rate']:.0f} ev/s "
+                    f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
+                    f"closes {r['closes']}), server CPU {r['server_cpu_us']:.0f} µs per event, "
+                    f"Redis connections seen {r['redis_connections']} ({r['redis_connections_before']} before, "
+                    f"{r['redis_connections_opened']} opened)"
+                )
+                rows.append({"contender": contender.name, "rep": rep, "clients": clients, **r})
+    return rows
+
+
+def _failure(message: str) -> str:
+    """The telling line of a failure: the last exception line of the server's log, else the client's."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error:" in line or "Unavailable:" in line or "Exception:" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else message[:500]
+
+
+PUBLISH_TOPICS_MODES = {"raw-pool": "raw-redis-pool", "lib": "replay-redis", "raw-pipeline": "raw-redis-pipeline"}
+
+
+def bench_publish_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """N concurrent publishers on N topics: RedisStore against raw redis-py (a pool of 50, one pipelined connection)."""
+    sizes = [(1, 20), (20, 5)] if cfg.quick else [(1, 20_000), (50, 1_000), (2_000, 15)]
+    if cfg.sizes:
+        sizes = [size for size in sizes if size[0] in cfg.sizes]
+    rows = []
+    # The replay server without a store on Redis: each measurement makes its own
+    # client and closes it after, so every Redis connection seen is that client's.
+    publishers_server = Contender(
+        "replay-redis", None, "replay_app:app", "replay", lambda url: {"BENCH_STORE": "memory", "BENCH_REDIS_URL": url}
+    )
+    for rep in range(cfg.reps):
+        for contender in [publishers_server] if "replay-redis" in cfg.contenders else []:
+            with server(contender, redis_url, workdir) as srv:
+                for mode in PUBLISH_TOPICS_MODES:  # warm-up
+                    srv.post(f"/publish-topics-bench?topic={topic()}&topics=2&n=50&mode={mode}")
+                modes = list(PUBLISH_TOPICS_MODES)
+                if rep % 2:  # alternate the order: Redis and the machine drift within a run
+                    modes.reverse()
+                for publishers, events in sizes:
+                    for mode in modes:
+                        name = PUBLISH_TOPICS_MODES[mode]
+                        try:
+                            # idle=0: the previous measurement's client has closed all its connections
+                            interval = 0.01 if cfg.quick else 0.05
+                            with RedisClients(redis_url, interval=interval, idle=0) as redis_clients:
+                                r = srv.post(
+                                    f"/publish-topics-bench?topic={topic()}&topics={publishers}&n={events}&mode={mode}",
+                                    timeout=300,
+                                )
+                        except BenchError as exc:  # reported as a failed run; the others go on
+                            why = _failure(str(exc) + "\n" + srv.log.read_text(errors="replace")[-3000:])
+                            cfg.log(f"  publish-topics rep {rep} N={publishers} {name}: FAILED: {why}")
+                            rows.append({"contender": name, "rep": rep, "publishers": publishers, "error": why})
+                            continue
+                        r.update(redis_clients.report())
+                        cfg.log(
+                            f"  publish-topics rep {rep} N={publishers} {name}: {r['rate']:.0f} ev/s, "
+                            f"Redis connections seen {r['redis_connections']} ({r['redis_connections_before']} before, "
+                            f"{r['redis_connections_opened']} opened)"
+                        )
+                        rows.append({"contender": name, "rep": rep, "publishers": publishers, **r})
+    return rows
+
+
 def _readline(process: subprocess.Popen[bytes], timeout: float) -> bytes:
     import selectors
 
@@ -445,6 +672,8 @@ BENCHMARKS: dict[str, Callable[[Config, str, Path], list[dict[str, Any]]]] = {
     "catchup": bench_catchup,
     "publish": bench_publish,
     "memory": bench_memory,
+    "topics": bench_topics,
+    "publish-topics": bench_publish_topics,
 }
 
 # What each benchmark's table compares: (group key, figure, higher is better, baseline).
@@ -454,7 +683,11 @@ TABLES: dict[str, tuple[tuple[str, ...], str, bool, str]] = {
     "catchup": ((), "rate", True, "raw-redis-loop"),
     "publish": (("concurrency",), "rate", True, "raw-redis-script"),
     "memory": ((), "bytes_per_connection", False, "bare"),
+    "topics": (("clients",), "rate", True, "bare"),
+    "publish-topics": (("publishers",), "rate", True, "raw-redis-pool"),
 }
+# A second ratio for some tables: to this contender's median in the same group.
+CEILINGS: dict[str, str] = {"publish-topics": "raw-redis-pipeline"}
 
 
 def _figure(row: dict[str, Any], name: str) -> float:
@@ -467,28 +700,44 @@ def summarize(benchmark: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]
     """Medians per (group, contender) and the ratio to the baseline's median in the same run."""
     keys, figure, _, baseline = TABLES[benchmark]
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    failed: dict[tuple[Any, ...], list[str]] = {}
     for row in rows:
+        if "error" in row:  # a failed run: counted, not measured
+            failed.setdefault((*(row[k] for k in keys), row["contender"]), []).append(row["error"])
+            continue
         group = tuple(row[k] for k in keys)
         groups.setdefault(group, {}).setdefault(row["contender"], []).append(row)
     table = []
     for group, by_contender in groups.items():
         base = by_contender.get(baseline)
         base_median = statistics.median(_figure(r, figure) for r in base) if base else None
+        ceiling = by_contender.get(CEILINGS.get(benchmark, ""))
+        ceiling_median = statistics.median(_figure(r, figure) for r in ceiling) if ceiling else None
         for name, runs in by_contender.items():
             entry: dict[str, Any] = dict(zip(keys, group, strict=True))
             entry.update(contender=name, runs=len(runs), median=statistics.median(_figure(r, figure) for r in runs))
             entry["ratio"] = entry["median"] / base_median if base_median else None
+            entry["failed"] = len(failed.pop((*group, name), []))
+            if benchmark in CEILINGS:
+                entry["ceiling_ratio"] = entry["median"] / ceiling_median if ceiling_median else None
             if benchmark == "latency":
                 for extra in ("p50", "max"):
                     entry[extra] = statistics.median(_figure(r, extra) for r in runs)
-            if benchmark == "fanout" and all("server_cpu_us" in r for r in runs):
+            if benchmark in ("fanout", "topics") and all("server_cpu_us" in r for r in runs):
                 entry["cpu_us"] = statistics.median(r["server_cpu_us"] for r in runs)
-            if benchmark in ("fanout", "latency", "catchup"):
+            if all("redis_connections" in r for r in runs):
+                entry["redis_connections"] = max(r["redis_connections"] for r in runs)
+                entry["redis_connections_opened"] = max(r["redis_connections_opened"] for r in runs)
+            if benchmark in ("fanout", "latency", "catchup", "topics"):
                 entry["gaps"] = sum(r["gaps"] for r in runs)
                 entry["duplicates"] = sum(r["duplicates"] for r in runs)
                 entry["short"] = sum(r["received"] < r["expected"] for r in runs)
                 entry["closes"] = sum(sum(r["closes"].values()) for r in runs)
             table.append(entry)
+    for key, errors in failed.items():  # contenders with no run that finished
+        entry = dict(zip(keys, key[:-1], strict=True))
+        entry.update(contender=key[-1], runs=0, median=None, ratio=None, failed=len(errors), error=errors[-1])
+        table.append(entry)
     return table
 
 
@@ -498,11 +747,20 @@ def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
     for entry in table:
         group = " ".join(f"{k}={entry[k]}" for k in keys)
         ratio = "-" if entry["ratio"] is None else f"{entry['ratio']:.2f}x"
-        extra = ""
+        if entry["median"] is None:
+            print(f"{group:24} {entry['contender']:20} {'FAILED':>12} {ratio:>7} (n=0, failed {entry['failed']})")
+            print(f"{'':24}   {entry['error']}")
+            continue
+        extra = f"  failed runs {entry['failed']}" if entry.get("failed") else ""
         if benchmark == "latency":
             extra = f"  p50 {entry['p50']:.2f} ms  max {entry['max']:.2f} ms"
+        if "ceiling_ratio" in entry:
+            ceiling = "-" if entry["ceiling_ratio"] is None else f"{entry['ceiling_ratio']:.2f}x"
+            extra += f"  {ceiling} of {CEILINGS[benchmark]}"
         if "cpu_us" in entry:
             extra += f"  server CPU {entry['cpu_us']:.0f} µs/event"
+        if "redis_connections" in entry:
+            extra += f"  Redis connections {entry['redis_connections']} ({entry['redis_connections_opened']} opened)"
         if "gaps" in entry:
             extra += f"  gaps {entry['gaps']} dups {entry['duplicates']} short runs {entry['short']}"
             extra += f" server closes {entry['closes']}"
@@ -533,10 +791,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke run")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--clients", default="", help="fanout: only these client counts, e.g. 100,1000")
+    parser.add_argument(
+        "--clients",
+        default="",
+        help="fanout, topics, publish-topics: only these client (publisher) counts, e.g. 100,1000",
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every server and redis-server started here is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    raise_nofile(65536)  # the servers and clients started from here inherit it
     cfg = Config(quick=args.quick, reps=args.reps, contenders=args.contenders.split(","))
     cfg.sizes = [int(n) for n in args.clients.split(",") if n]
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]

@@ -91,6 +91,50 @@ def test_memory() -> None:
     assert {entry["contender"] for entry in result["table"]} == {"bare", "replay-memory"}
 
 
+REDIS_CONTENDERS = {"replay-redis", "broadcaster-redis", "socketio-redis"}
+
+
+def check_connections(result: dict[str, Any], key: str = "redis_connections") -> None:
+    for row in result["rows"]:
+        for name in ("redis_connections", "redis_connections_before", "redis_connections_opened"):
+            assert isinstance(row[name], int) and row[name] >= 0, row
+        if row["contender"] in REDIS_CONTENDERS or row["contender"].startswith("raw-redis"):
+            assert row[key] > 0, row
+    for entry in result["table"]:
+        assert entry["redis_connections"] >= 0 and entry["redis_connections_opened"] >= 0, entry
+
+
+def test_topics() -> None:
+    result = quick("topics", OURS)
+    assert not [row for row in result["rows"] if "error" in row], result["rows"]
+    check_delivery(result, OURS)
+    check_ratios(result, "bare")
+    for row in result["rows"]:
+        assert row["topics"] == row["clients"] > 1 and row["short_clients"] == 0, row
+        assert row["server_cpu_us"] >= 0, row
+    # the servers hold their Redis connections for the whole run: the sampler sees them
+    check_connections(result)
+    assert all(entry["cpu_us"] >= 0 for entry in result["table"])
+
+
+def test_publish_topics() -> None:
+    result = quick("publish-topics", OURS)
+    assert not [row for row in result["rows"] if "error" in row], result["rows"]
+    names = ("replay-redis", "raw-redis-pool", "raw-redis-pipeline")
+    assert {(row["contender"], row["publishers"]) for row in result["rows"]} == {
+        (name, n) for name in names for n in (1, 20)
+    }
+    for row in result["rows"]:
+        assert row["events"] == row["topics"] * row["n"] > 0 and row["rate"] > 0, row
+    # a quick run can end between two samples: the connections opened are counted exactly
+    check_connections(result, "redis_connections_opened")
+    check_ratios(result, "raw-redis-pool")
+    for entry in result["table"]:
+        assert entry["ceiling_ratio"] is not None and entry["ceiling_ratio"] > 0, entry
+        if entry["contender"] == "raw-redis-pipeline":
+            assert entry["ceiling_ratio"] == 1.0
+
+
 @pytest.mark.parametrize(("what", "n"), [("frames", 30), ("append", 60), ("append50", 100)])
 def test_micro(what: str, n: int) -> None:
     medians = micro.measure(what, n, reps=1)
@@ -103,3 +147,13 @@ def test_peer_fanout(peer: str) -> None:
         pytest.skip(f"{peer}: its venv is absent (run bench/setup.sh)")
     result = quick("fanout", [peer])
     check_delivery(result, [peer])
+
+
+@pytest.mark.parametrize("peer", [name for name in PEERS if name in ("broadcaster-redis", "socketio-redis")])
+def test_peer_topics(peer: str) -> None:
+    if not available(peer):
+        pytest.skip(f"{peer}: its venv is absent (run bench/setup.sh)")
+    result = quick("topics", [peer])
+    assert not [row for row in result["rows"] if "error" in row], result["rows"]
+    check_delivery(result, [peer])
+    check_connections(result)

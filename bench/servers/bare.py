@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from _common import TOPIC_EVENT, drive, query_params
+from _common import TOPIC_EVENT, drive, drive_topics, query_params, topics_params
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -37,18 +37,31 @@ async def ws(websocket: WebSocket) -> None:
             clients.get(topic, set()).discard(websocket)
 
 
+async def send_event(topic: str, data: dict[str, Any]) -> None:
+    frame = json.dumps({"type": "event", "topic": topic, "event": TOPIC_EVENT, "data": data}, separators=(",", ":"))
+    for socket in list(clients.get(topic, ())):
+        try:
+            await socket.send_text(frame)
+        except Exception:
+            clients.get(topic, set()).discard(socket)
+
+
 async def publish(request: Request) -> JSONResponse:
     topic, n, rate = query_params(request.query_params)
 
     async def one(i: int, data: dict[str, Any]) -> None:
-        frame = json.dumps({"type": "event", "topic": topic, "event": TOPIC_EVENT, "data": data}, separators=(",", ":"))
-        for socket in list(clients.get(topic, ())):
-            try:
-                await socket.send_text(frame)
-            except Exception:
-                clients.get(topic, set()).discard(socket)
+        await send_event(topic, data)
 
     return JSONResponse(await drive(one, n, rate))
+
+
+async def publish_topics(request: Request) -> JSONResponse:
+    topics, n = topics_params(request.query_params)
+
+    async def one(topic: str, i: int, data: dict[str, Any]) -> None:
+        await send_event(topic, data)
+
+    return JSONResponse(await drive_topics(one, topics, n))
 
 
 async def health(request: Request) -> PlainTextResponse:
@@ -59,6 +72,7 @@ app = Starlette(
     routes=[
         WebSocketRoute("/ws", ws),
         Route("/publish", publish, methods=["POST"]),
+        Route("/publish-topics", publish_topics, methods=["POST"]),
         Route("/health", health),
     ]
 )

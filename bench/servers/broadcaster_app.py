@@ -18,7 +18,7 @@ import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from _common import TOPIC_EVENT, drive, query_params
+from _common import TOPIC_EVENT, drive, drive_topics, query_params, topics_params
 from broadcaster import Broadcast
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -77,14 +77,27 @@ async def ws(websocket: WebSocket) -> None:
         pass
 
 
+async def send_event(topic: str, data: dict[str, Any]) -> None:
+    frame = json.dumps({"type": "event", "topic": topic, "event": TOPIC_EVENT, "data": data}, separators=(",", ":"))
+    await broadcast.publish(channel=topic, message=frame)
+
+
 async def publish(request: Request) -> JSONResponse:
     topic, n, rate = query_params(request.query_params)
 
     async def one(i: int, data: dict[str, Any]) -> None:
-        frame = json.dumps({"type": "event", "topic": topic, "event": TOPIC_EVENT, "data": data}, separators=(",", ":"))
-        await broadcast.publish(channel=topic, message=frame)
+        await send_event(topic, data)
 
     return JSONResponse(await drive(one, n, rate))
+
+
+async def publish_topics(request: Request) -> JSONResponse:
+    topics, n = topics_params(request.query_params)
+
+    async def one(topic: str, i: int, data: dict[str, Any]) -> None:
+        await send_event(topic, data)
+
+    return JSONResponse(await drive_topics(one, topics, n))
 
 
 async def health(request: Request) -> PlainTextResponse:
@@ -95,6 +108,7 @@ app = Starlette(
     routes=[
         WebSocketRoute("/ws", ws),
         Route("/publish", publish, methods=["POST"]),
+        Route("/publish-topics", publish_topics, methods=["POST"]),
         Route("/health", health),
     ],
     lifespan=lifespan,

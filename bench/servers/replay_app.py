@@ -9,6 +9,16 @@ this server holds the baselines that need the same Redis data:
   ``lib`` goes through ``replay.publish``; ``raw-script`` runs the library's own
   append script with redis-py (EVALSHA, same keys and arguments: the same Redis
   work without the library); ``raw-xadd`` is a pipelined XADD + PUBLISH.
+- ``POST /publish-topics-bench?topic=P&topics=N&n=M&mode=lib|raw-pool|raw-pipeline``:
+  N concurrent publishers, one per topic ``P-0`` .. ``P-(N-1)``, each publishes M
+  events, timed in the server. Each measurement makes its own client and
+  closes it after (so the Redis connections seen are its own). ``lib``: a new
+  ``RedisStore.from_url`` and ``store.append(topic, [(type, raw)])``;
+  ``raw-pool``: EVALSHA of the library's append script with redis-py over a
+  ``BlockingConnectionPool(max_connections=50)``; ``raw-pipeline`` (the
+  ceiling): the same EVALSHA on ONE connection, every topic's next append in
+  one pipeline (``transaction=False``) per round.
+- ``POST /publish-topics``: the shared topics trigger (bench/servers/_common.py).
 - ``WS /raw``: the catch-up baseline: after a first frame
   ``{"topic": T, "after": N}`` it reads the topic's stream with XRANGE pages of
   500 and sends each entry as an ``event`` frame, no library involved.
@@ -19,23 +29,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from _common import TOPIC_EVENT, data_for, drive, query_params
+from _common import TOPIC_EVENT, data_for, drive, drive_topics, query_params, topics_params
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bench._script import PREFIX, append_call, append_keys, append_script
 from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
 
 STORE = os.environ.get("BENCH_STORE", "memory")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
-PREFIX = "replay"  # the store's default prefix: the raw baselines use the same keys
 
 store = RedisStore.from_url(REDIS_URL) if STORE == "redis" else MemoryStore()
 replay = Replay(store, authorize=allow_all, allowed_origins=["*"])
@@ -69,15 +79,19 @@ async def publish(request: Request) -> JSONResponse:
     return JSONResponse(result)
 
 
-def _keys(topic: str) -> list[str]:
-    base = f"{PREFIX}:{{{topic}}}:"
-    return [base + "meta", base + "log", base + "idem", base + "idemz"]
+async def publish_topics(request: Request) -> JSONResponse:
+    topics, n = topics_params(request.query_params)
+
+    async def one(topic: str, i: int, data: dict[str, Any]) -> None:
+        await replay.publish(topic, TOPIC_EVENT, data)
+
+    return JSONResponse(await drive_topics(one, topics, n))
 
 
 async def publish_bench(request: Request) -> JSONResponse:
     q = request.query_params
     topic, n, concurrency, mode = q["topic"], int(q["n"]), int(q.get("c", "1")), q.get("mode", "lib")
-    keys = _keys(topic)
+    keys = append_keys(topic)
     channel = f"{PREFIX}:{{{topic}}}:live"
 
     if mode == "lib":
@@ -86,15 +100,12 @@ async def publish_bench(request: Request) -> JSONResponse:
             await replay.publish(topic, TOPIC_EVENT, data_for(i, time.monotonic_ns()))
 
     elif mode == "raw-script":
-        from starlette_replay.stores.redis._scripts import APPEND  # the library's own script: the same Redis work
-
-        sha = await raw_client.script_load(APPEND.body)
+        sha = await raw_client.script_load(append_script())  # the library's own script: the same Redis work
 
         async def one(i: int) -> None:
             raw = json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
-            epoch = secrets.token_hex(8)
             # one segment: no idempotency key, one event
-            await raw_client.evalsha(sha, 4, *keys, epoch, 10_000, 0, channel, 1, "", 1, TOPIC_EVENT, raw)
+            await raw_client.evalsha(sha, *append_call(topic, TOPIC_EVENT, raw))
 
     elif mode == "raw-xadd":
 
@@ -121,12 +132,73 @@ async def publish_bench(request: Request) -> JSONResponse:
     return JSONResponse({"n": total, "c": concurrency, "mode": mode, "seconds": seconds, "rate": total / seconds})
 
 
+def _raw(i: int) -> str:
+    return json.dumps(data_for(i, time.monotonic_ns()), separators=(",", ":"))
+
+
+async def publish_topics_bench(request: Request) -> JSONResponse:
+    import redis.asyncio
+
+    topics, n = topics_params(request.query_params)
+    mode = request.query_params.get("mode", "lib")
+
+    async def per_topic(one: Callable[[str, int], Awaitable[None]]) -> float:
+        """Seconds for a publisher per topic, all at once, each calling ``one(topic, i)`` n times."""
+
+        async def publisher(topic: str) -> None:
+            for i in range(n):
+                await one(topic, i)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(publisher(topic) for topic in topics))
+        return time.perf_counter() - start
+
+    if mode == "lib":
+        lib = RedisStore.from_url(REDIS_URL)
+
+        async def append(topic: str, i: int) -> None:
+            await lib.append(topic, [(TOPIC_EVENT, _raw(i))])
+
+        try:
+            seconds = await per_topic(append)
+        finally:
+            await lib.aclose()
+    elif mode in ("raw-pool", "raw-pipeline"):
+        pool = redis.asyncio.BlockingConnectionPool.from_url(REDIS_URL, max_connections=50 if mode == "raw-pool" else 1)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        try:
+            sha = await client.script_load(append_script())
+            if mode == "raw-pool":
+
+                async def evalsha(topic: str, i: int) -> None:
+                    await client.evalsha(sha, *append_call(topic, TOPIC_EVENT, _raw(i)))
+
+                seconds = await per_topic(evalsha)
+            else:
+                start = time.perf_counter()
+                for i in range(n):  # a round: every topic's next append, one pipeline
+                    pipe = client.pipeline(transaction=False)
+                    for topic in topics:
+                        pipe.evalsha(sha, *append_call(topic, TOPIC_EVENT, _raw(i)))
+                    await pipe.execute()
+                seconds = time.perf_counter() - start
+        finally:
+            await client.aclose()
+            await pool.disconnect()
+    else:
+        return JSONResponse({"error": f"unknown mode {mode!r}"}, status_code=400)
+    total = n * len(topics)
+    return JSONResponse(
+        {"topics": len(topics), "n": n, "events": total, "mode": mode, "seconds": seconds, "rate": total / seconds}
+    )
+
+
 async def raw_catchup(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         request = json.loads(await websocket.receive_text())
         topic, after = request["topic"], int(request.get("after", 0))
-        log = _keys(topic)[1]
+        log = append_keys(topic)[1]
         start = f"{after + 1}-0"
         while True:
             entries = await raw_client.xrange(log, min=start, max="+", count=500)
@@ -154,7 +226,9 @@ app = Starlette(
         replay.route("/ws"),
         WebSocketRoute("/raw", raw_catchup),
         Route("/publish", publish, methods=["POST"]),
+        Route("/publish-topics", publish_topics, methods=["POST"]),
         Route("/publish-bench", publish_bench, methods=["POST"]),
+        Route("/publish-topics-bench", publish_topics_bench, methods=["POST"]),
         Route("/health", health),
     ],
     lifespan=lifespan,

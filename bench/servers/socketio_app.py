@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import socketio
-from _common import TOPIC_EVENT, drive, query_params
+from _common import TOPIC_EVENT, drive, drive_topics, query_params, topics_params
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -39,9 +39,24 @@ async def publish(request: Request) -> JSONResponse:
     return JSONResponse(await drive(one, n, rate))
 
 
+async def publish_topics(request: Request) -> JSONResponse:
+    topics, n = topics_params(request.query_params)
+
+    async def one(topic: str, i: int, data: dict[str, Any]) -> None:
+        await sio.emit(TOPIC_EVENT, data, room=topic)
+
+    return JSONResponse(await drive_topics(one, topics, n))
+
+
 async def health(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
-http_app = Starlette(routes=[Route("/publish", publish, methods=["POST"]), Route("/health", health)])
+http_app = Starlette(
+    routes=[
+        Route("/publish", publish, methods=["POST"]),
+        Route("/publish-topics", publish_topics, methods=["POST"]),
+        Route("/health", health),
+    ]
+)
 app = socketio.ASGIApp(sio, other_asgi_app=http_app)
