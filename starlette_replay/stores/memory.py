@@ -28,19 +28,33 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# A retained event: (event type, raw JSON, time, its frame once encoded, else None).
+# Plain tuples of str and int, which the cyclic garbage collector stops tracking
+# once it has seen them: a long history (10,000 events x 1,000 topics) costs no
+# collector time. Retained Event objects were traced by every full collection.
+_Stored = tuple[str, str, int, "str | None"]
+
+
 class _Topic:
     __slots__ = ("epoch", "events", "head", "keys", "last_publish")
 
     def __init__(self, history_size: int) -> None:
         self.epoch = new_epoch()
         self.head = 0
-        self.events: deque[Event] = deque(maxlen=history_size)
-        # idempotency key -> the events stored under it, oldest first in insertion order
-        self.keys: OrderedDict[str, list[Event]] = OrderedDict()
+        self.events: deque[_Stored] = deque(maxlen=history_size)  # offsets oldest() .. head
+        # idempotency key -> the first and last offsets stored under it, oldest first
+        self.keys: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.last_publish = time.monotonic()
 
     def oldest(self) -> int:
-        return self.events[0].offset if self.events else self.head + 1
+        return self.head - len(self.events) + 1
+
+    def event(self, topic: str, offset: int) -> Event:
+        """The retained event at ``offset`` (between ``oldest()`` and ``head``)."""
+        event_type, raw, stamp, frame = self.events[offset - self.oldest()]
+        event = Event(topic, self.epoch, offset, event_type, raw, stamp)
+        event._frame = frame  # the frame cache Event keeps for protocol.encode_event
+        return event
 
 
 class MemoryStore:
@@ -168,38 +182,55 @@ class MemoryStore:
         assert entry is not None
         if idempotency_key is not None:
             seen = entry.keys.get(idempotency_key)
-            if seen is not None:
-                return list(seen)
+            if seen is not None:  # retained: a key is dropped once its last event is trimmed
+                return [entry.event(topic, offset) for offset in range(seen[0], seen[1] + 1)]
         stamp = now_ms()
         first = entry.head + 1
         events = [
             Event(topic, entry.epoch, first + i, event_type, raw, stamp) for i, (event_type, raw) in enumerate(items)
         ]
+        if not events:
+            return events
         entry.head += len(events)
-        entry.events.extend(events)
+        entry.events.extend([(event.event, event.raw, stamp, None) for event in events])
         entry.last_publish = time.monotonic()
         self._topics.move_to_end(topic)
         self._unpublished.pop(topic, None)
-        if idempotency_key is not None and events:
-            entry.keys[idempotency_key] = events
+        if idempotency_key is not None:
+            entry.keys[idempotency_key] = (first, entry.head)
             oldest = entry.oldest()
             while entry.keys:
-                key, stored = next(iter(entry.keys.items()))
-                if stored[-1].offset >= oldest:
+                key, (_, last) = next(iter(entry.keys.items()))
+                if last >= oldest:
                     break
                 del entry.keys[key]
         sink = self._sink
         if sink is not None and topic in self._live:
             for event in events:
                 sink.deliver(event)
+            # keep the frames the hub encoded, for replays (a reconnect storm replays
+            # the same events to many clients: encoded once)
+            stored = entry.events
+            for i, event in enumerate(events, start=len(stored) - len(events)):
+                if event._frame is not None and i >= 0:
+                    stored[i] = (event.event, event.raw, stamp, event._frame)
         return events
 
     async def read(self, topic: str, after: int, limit: int) -> list[Event]:
         entry = self._get(topic, create=False)
         if entry is None or not entry.events or limit <= 0:
             return []
-        start = max(0, after + 1 - entry.events[0].offset)
-        return list(islice(entry.events, start, start + limit))
+        oldest = entry.oldest()
+        first = max(oldest, after + 1)
+        epoch = entry.epoch
+        events = []
+        for offset, (event_type, raw, stamp, frame) in enumerate(
+            islice(entry.events, first - oldest, first - oldest + limit), start=first
+        ):
+            event = Event(topic, epoch, offset, event_type, raw, stamp)
+            event._frame = frame  # the frame cache Event keeps for protocol.encode_event
+            events.append(event)
+        return events
 
     async def position(self, topic: str) -> Position:
         entry = self._get(topic, create=True)
