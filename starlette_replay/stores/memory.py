@@ -195,16 +195,18 @@ class MemoryStore:
         entry.last_publish = time.monotonic()
         self._topics.move_to_end(topic)
         self._unpublished.pop(topic, None)
+        stored = entry.events
+        stored.extend([(event.event, event.raw, stamp, None) for event in events])  # stored before delivered
         sink = self._sink
-        try:
-            if sink is not None and topic in self._live:
-                for event in events:
-                    sink.deliver(event)
-        finally:
-            # Kept with the frames the hub encoded as they went out live, for replays (a
+        if sink is not None and topic in self._live:
+            for event in events:
+                sink.deliver(event)
+            # Keep the frames the hub encoded as they went out live, for replays (a
             # reconnect storm replays the same events to many clients: encoded once).
-            # Nothing awaits in between: no reader sees the head before the events.
-            entry.events.extend([(event.event, event.raw, stamp, event._frame) for event in events])
+            end = len(stored)
+            for i, event in enumerate(events, start=end - len(events)):
+                if i >= 0 and event._frame is not None:
+                    stored[i] = (event.event, event.raw, stamp, event._frame)
         if idempotency_key is not None:
             entry.keys[idempotency_key] = (first, entry.head)
             oldest = entry.oldest()
