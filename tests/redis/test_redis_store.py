@@ -280,3 +280,18 @@ async def test_a_store_connected_again_serves_its_new_hub(redis_server: RedisSer
             assert second.of("t") == [] and second.resets == []
     finally:
         await store.aclose()
+
+
+async def test_aclose_ends_the_connections_tasks(redis_server: RedisServer) -> None:
+    import asyncio
+
+    def pipe_tasks() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() if task.get_name().startswith("starlette_replay redis command")]
+
+    store = RedisStore.from_url(redis_server.url, prefix="tasks", publish_timeout=3)
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(store.position, f"t{i}")
+    assert pipe_tasks()  # each connection's writer and reader
+    await store.aclose()
+    assert pipe_tasks() == []
