@@ -18,10 +18,15 @@
  *   resumes from it on every reconnect and after a page reload;
  * - drops duplicates (offset at or below the cursor) and repairs holes (an offset
  *   that skips ahead makes it subscribe again from the last good offset);
- * - reconnects with exponential backoff and full jitter on 1001, 1006, 1011, 1012,
- *   1013 and any other code not listed in STOP_CODES; stops on 1000 sent by the
- *   server, 1008, 1009 (and 1002, 1003, 1007: retrying cannot help);
+ * - reports a gap (onGap) when the server says so (resumed && !recovered) and when
+ *   the `subscribed` cannot continue its cursor (another epoch, or a start past it);
+ * - reconnects with exponential backoff and full jitter on every close code but the
+ *   STOP_CODES (1000 sent by the server, 1008, 1009), on which it stops;
+ * - puts a `ref` on every frame and matches replies and errors by it;
+ * - paces its own frames (a token bucket below the server's frame rate);
  * - treats a socket silent for twice the server's heartbeat interval as dead.
+ *
+ * The rules are the Python client's too: both run the scenarios of tests/scenarios/.
  *
  * A refused handshake (HTTP 403) cannot be told apart from a network failure in
  * a browser: both are a close with 1006 before `open`. The client keeps retrying
@@ -33,7 +38,7 @@ export const PROTOCOL = "replay.v1";
 export const VERSION = "0.1.0";
 
 /** Close codes after which the client stops instead of reconnecting. */
-export const STOP_CODES = Object.freeze([1000, 1002, 1003, 1007, 1008, 1009]);
+export const STOP_CODES = Object.freeze([1000, 1008, 1009]);
 
 /** Error codes of a refused `subscribe` that are worth retrying (with backoff) on the same socket. */
 const RETRY_SUBSCRIBE = new Set(["unavailable", "internal", "rate_limited"]);
@@ -92,6 +97,8 @@ const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
  * @property {number} [connectTimeout]     ms before a handshake that has not opened is abandoned (10000)
  * @property {number} [maxHandshakeFailures]  consecutive failed handshakes before giving up (Infinity)
  * @property {boolean | { interval?: number }} [ack]  send batched `ack` frames (default off; interval 1000 ms)
+ * @property {number} [maxFrameRate]  the client's own frames per second, paced (default 50: under the server's 100)
+ * @property {number} [frameBurst]    frames the pacer lets through at once (default 100: under the server's 200)
  * @property {boolean} [autoConnect]  connect on the first subscribe() (default true)
  * @property {boolean} [reconnectOnOnline]  retry at once on the window's `online` event (default true)
  * @property {any} [WebSocket]  the WebSocket constructor (tests pass a fake)
@@ -220,6 +227,13 @@ export class ReplayClient {
     this._clearTimeout = timers.clearTimeout.bind(timers);
     this._random = options.random ?? Math.random;
     this._now = options.now ?? Date.now;
+    this._frameRate = options.maxFrameRate ?? 50;
+    this._frameBurst = options.frameBurst ?? 100;
+    if (!(this._frameRate > 0 && this._frameBurst >= 1)) throw new RangeError("maxFrameRate must be > 0, frameBurst >= 1");
+    /** @type {Record<string, unknown>[]} frames waiting for the pacer */
+    this._outbox = [];
+    this._tokens = this._frameBurst;
+    this._tokensAt = 0;
 
     /** @type {Map<string, Subscription>} */
     this._subs = new Map();
@@ -241,6 +255,7 @@ export class ReplayClient {
     /** @type {any} */ this._watchdog = null;
     /** @type {any} */ this._connectTimer = null;
     /** @type {any} */ this._ackTimer = null;
+    /** @type {any} */ this._paceTimer = null;
     this._onOnline = () => {
       if (this._state === "reconnecting" && this._retryTimer !== null) this.connect();
     };
@@ -301,6 +316,7 @@ export class ReplayClient {
   close(code = 1000, reason = "") {
     this._started = true;
     this._flushAcks();
+    this._drain(true); // the last acks go out before the close, paced or not
     globalThis.removeEventListener?.("online", this._onOnline);
     const ws = this._ws;
     this._teardown();
@@ -357,7 +373,7 @@ export class ReplayClient {
     this._clearSubTimer(sub);
     sub._state = "closed";
     if (sub._pendingRef !== null || sub._live) {
-      this._send({ type: "unsubscribe", topic: sub.topic });
+      this._send({ type: "unsubscribe", topic: sub.topic, ref: `u${++this._refSeq}` });
     }
     sub._pendingRef = null;
     sub._live = false;
@@ -424,6 +440,8 @@ export class ReplayClient {
     }
     this._wsOpened = true;
     this._openedAt = this._now();
+    this._tokens = this._frameBurst;
+    this._tokensAt = this._openedAt;
     this._failures = 0;
     this.stats.connects += 1;
     this._armWatchdog();
@@ -477,6 +495,13 @@ export class ReplayClient {
     this._clear("_watchdog");
     this._clear("_retryTimer");
     this._clear("_ackTimer");
+    this._clear("_paceTimer");
+    for (const frame of this._outbox) {
+      // An ack that never left: send it on the next connection.
+      const sub = frame.type === "ack" ? this._subs.get(/** @type {string} */ (frame.topic)) : undefined;
+      if (sub) sub._ackDirty = true;
+    }
+    this._outbox = [];
     for (const sub of this._subs.values()) {
       sub._pendingRef = null;
       sub._live = false;
@@ -543,15 +568,46 @@ export class ReplayClient {
     this._watchdog = this._setTimeout(check, limit);
   }
 
-  /** @internal @param {Record<string, unknown>} frame @returns {boolean} */
+  /**
+   * Queue a frame for the open socket; the pacer sends it (now, if the bucket has a token).
+   * @internal @param {Record<string, unknown>} frame @returns {boolean} false when no socket is open
+   */
   _send(frame) {
     const ws = this._ws;
     if (!ws || !this._wsOpened || ws.readyState !== 1) return false;
-    try {
-      ws.send(JSON.stringify(frame));
-      return true;
-    } catch {
-      return false; // the close event will follow
+    this._outbox.push(frame);
+    if (this._paceTimer === null) this._drain(false);
+    return true;
+  }
+
+  /**
+   * Send queued frames while the token bucket allows (all of them with `force`), then wait for
+   * the next token: the server drops frames past its rate, then closes with 1008.
+   * @internal @param {boolean} force
+   */
+  _drain(force) {
+    const ws = this._ws;
+    if (!ws || !this._wsOpened || ws.readyState !== 1) return;
+    this._clear("_paceTimer");
+    while (this._outbox.length > 0) {
+      const now = this._now();
+      this._tokens = Math.min(this._frameBurst, this._tokens + ((now - this._tokensAt) * this._frameRate) / 1000);
+      this._tokensAt = now;
+      if (this._tokens < 1 && !force) {
+        const wait = Math.ceil(((1 - this._tokens) * 1000) / this._frameRate);
+        this._paceTimer = this._setTimeout(() => {
+          this._paceTimer = null;
+          this._drain(false);
+        }, wait);
+        return;
+      }
+      this._tokens -= 1;
+      const frame = /** @type {Record<string, unknown>} */ (this._outbox.shift());
+      try {
+        ws.send(JSON.stringify(frame));
+      } catch {
+        return; // the close event will follow
+      }
     }
   }
 
@@ -622,12 +678,19 @@ export class ReplayClient {
       return;
     }
     const previous = sub._cursor;
+    const start = frame.offset - frame.replayed;
+    // The server's flags say when it lost events; the offsets say it too: events after
+    // `start` in `epoch` cannot continue a cursor of another epoch or one before `start`.
+    const gap =
+      (frame.resumed === true && frame.recovered !== true) ||
+      (previous !== null && (previous.epoch !== frame.epoch || start > previous.offset));
     sub._pendingRef = null;
     sub._live = true;
     sub._state = "active";
     sub._retries = 0;
     sub._replayLeft = frame.replayed;
-    sub._cursor = { epoch: frame.epoch, offset: frame.offset - frame.replayed };
+    // A replay from before the cursor brings events the app has had: the cursor stays, they are dropped.
+    if (gap || previous === null) sub._cursor = { epoch: frame.epoch, offset: start };
     this._save(sub);
     /** @type {SubscribedInfo} */
     const info = {
@@ -640,7 +703,7 @@ export class ReplayClient {
       previous,
     };
     if (sub._ackDirty) this._scheduleAck();
-    if (frame.resumed && !frame.recovered) this._call(sub, "onGap", info);
+    if (gap) this._call(sub, "onGap", info);
     this._call(sub, "onSubscribed", info);
   }
 
@@ -696,6 +759,11 @@ export class ReplayClient {
     if (frame.topic !== undefined) error.topic = frame.topic;
     if (frame.ref !== undefined) error.ref = frame.ref;
     const sub = typeof frame.topic === "string" ? this._subs.get(frame.topic) : undefined;
+    if (sub && typeof frame.ref === "string" && frame.ref.startsWith("a")) {
+      // An ack that was not stored (rate limited, ...): ack again at the next flush.
+      sub._ackDirty = true;
+      this._scheduleAck();
+    }
     if (sub && frame.ref !== undefined && frame.ref === sub._pendingRef) {
       sub._pendingRef = null;
       if (RETRY_SUBSCRIBE.has(frame.code)) {
@@ -729,7 +797,8 @@ export class ReplayClient {
   _flushAcks() {
     for (const sub of this._subs.values()) {
       if (sub._ackDirty && sub._live && sub._cursor) {
-        if (this._send({ type: "ack", topic: sub.topic, epoch: sub._cursor.epoch, offset: sub._cursor.offset })) {
+        const { epoch, offset } = sub._cursor;
+        if (this._send({ type: "ack", topic: sub.topic, epoch, offset, ref: `a${++this._refSeq}` })) {
           sub._ackDirty = false;
         }
       }
@@ -772,7 +841,7 @@ export class ReplayClient {
 
   // --- plumbing --------------------------------------------------------------------
 
-  /** @internal @param {"_retryTimer" | "_watchdog" | "_connectTimer" | "_ackTimer"} name */
+  /** @internal @param {"_retryTimer" | "_watchdog" | "_connectTimer" | "_ackTimer" | "_paceTimer"} name */
   _clear(name) {
     if (this[name] !== null) {
       this._clearTimeout(this[name]);
