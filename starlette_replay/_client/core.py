@@ -304,7 +304,7 @@ class ClientCore:
         if cursor is None:
             frame = Subscribe(state.name, rewind=state.rewind, ref=ref)
         else:
-            frame = Subscribe(state.name, cursor.epoch, cursor.offset, ref=ref)
+            frame = Subscribe(state.name, cursor.epoch, cursor.offset, ref=ref, time=state.time)
         return Send(encode_client_frame(frame))
 
     def connected(self) -> list[Send]:

@@ -12,6 +12,8 @@ export declare function resolveUrl(url: string): string;
 export interface Cursor {
   epoch: string;
   offset: number;
+  /** The `time` of the event at `offset`, when the client received it: sent on resume ("Reused offsets"). */
+  time?: number;
 }
 
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";

@@ -47,7 +47,7 @@ const TOPIC_RE = /^[A-Za-z0-9_\-.:@/]{1,256}$/;
 const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
 
 /**
- * @typedef {{ epoch: string, offset: number }} Cursor
+ * @typedef {{ epoch: string, offset: number, time?: number }} Cursor  `time`: of the event at `offset`, when known
  * @typedef {"connecting" | "open" | "reconnecting" | "closed"} ConnectionState
  * @typedef {{ getItem(key: string): string | null, setItem(key: string, value: string): void,
  *   removeItem(key: string): void }} CursorStorage
@@ -117,8 +117,14 @@ function isCursor(value) {
     typeof c.offset === "number" &&
     Number.isSafeInteger(c.offset) &&
     c.offset >= 0 &&
-    c.offset <= MAX_OFFSET
+    c.offset <= MAX_OFFSET &&
+    (c.time === undefined || (typeof c.time === "number" && Number.isSafeInteger(c.time)))
   );
+}
+
+/** A copy of a valid cursor, with its `time` only when it has one. @param {Cursor} c @returns {Cursor} */
+function copyCursor(c) {
+  return c.time === undefined ? { epoch: c.epoch, offset: c.offset } : { epoch: c.epoch, offset: c.offset, time: c.time };
 }
 
 /** @returns {CursorStorage | null} */
@@ -169,7 +175,7 @@ export class Subscription {
 
   /** The last event's position (or where the subscription started), or null before the first `subscribed`. */
   get cursor() {
-    return this._cursor ? { ...this._cursor } : null;
+    return this._cursor ? copyCursor(this._cursor) : null;
   }
 
   /**
@@ -352,7 +358,7 @@ export class ReplayClient {
     if (options.cursor != null && !isCursor(options.cursor)) {
       throw new TypeError("cursor must be { epoch: non-empty string, offset: integer >= 0 }");
     }
-    const cursor = options.cursor ?? this._load(topic);
+    const cursor = options.cursor ? copyCursor(options.cursor) : this._load(topic);
     const sub = new Subscription(this, topic, options, cursor);
     this._subs.set(topic, sub);
     if (options.cursor) this._save(sub);
@@ -620,6 +626,9 @@ export class ReplayClient {
     if (sub._cursor) {
       frame.epoch = sub._cursor.epoch;
       frame.offset = sub._cursor.offset;
+      // protocol.md, "Reused offsets": the time of the event at that offset lets the server tell
+      // an offset reused for another event (after a failover that lost events) from ours.
+      if (sub._cursor.time !== undefined) frame.time = sub._cursor.time;
     } else if (sub._options.rewind) {
       frame.rewind = sub._options.rewind;
     }
@@ -744,7 +753,9 @@ export class ReplayClient {
     this._call(sub, "onEvent", event);
     // The cursor moves once the app has had the event (even when its callback threw:
     // the exception went to the "error" listeners, and stopping here would stall the topic).
-    sub._cursor = { epoch: event.epoch, offset };
+    sub._cursor = Number.isSafeInteger(event.time)
+      ? { epoch: event.epoch, offset, time: event.time }
+      : { epoch: event.epoch, offset };
     this._save(sub);
     if (this._ackInterval > 0 && this._subs.get(sub.topic) === sub) {
       sub._ackDirty = true;
@@ -814,7 +825,7 @@ export class ReplayClient {
       const raw = this._storage.getItem(this._storageKey + topic);
       if (raw === null) return null;
       const cursor = JSON.parse(raw);
-      if (isCursor(cursor)) return { epoch: cursor.epoch, offset: cursor.offset };
+      if (isCursor(cursor)) return copyCursor(cursor);
       this._storage.removeItem(this._storageKey + topic);
     } catch (error) {
       this._storageError(error);

@@ -170,7 +170,7 @@ def test_scenario(scenario: dict[str, Any]) -> None:
 
 def test_every_rule_has_scenarios() -> None:
     files = sorted(path.stem for path in SCENARIOS.glob("*.json"))
-    assert files == ["close_codes", "contiguity", "pacing", "rate_limited", "refs", "subscribed"]
+    assert files == ["close_codes", "contiguity", "pacing", "rate_limited", "refs", "subscribed", "time"]
     for path in SCENARIOS.glob("*.json"):
         content = json.loads(path.read_text())
         assert content["rule"] and content["protocol"] and content["scenarios"], path.name

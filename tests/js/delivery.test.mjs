@@ -43,7 +43,7 @@ test("subscribes on open and delivers events in order, each once", () => {
     time: 1700000000004,
     live: true,
   });
-  assert.deepEqual(t.client.subscription("user:1").cursor, { epoch: "e1", offset: 4 });
+  assert.deepEqual(t.client.subscription("user:1").cursor, { epoch: "e1", offset: 4, time: 1700000000004 });
 });
 
 test("replayed events are flagged live:false, the ones after them live:true", () => {
