@@ -515,11 +515,19 @@ export class ReplayClient {
     }
   }
 
+  /**
+   * The one backoff, for reconnects and refused subscribes: a random wait in
+   * [0, min(max, initial * factor ** attempt)] ms (full jitter), as the Python client's Backoff.
+   * @internal @param {number} attempt retries in a row before this one @returns {number}
+   */
+  _delay(attempt) {
+    const { initial, max, factor } = this._backoff;
+    return Math.floor(this._random() * Math.min(max, initial * factor ** attempt));
+  }
+
   /** @internal @param {number} code @param {string} reason */
   _scheduleReconnect(code, reason) {
-    const { initial, max, factor } = this._backoff;
-    const cap = Math.min(max, initial * factor ** this._attempt);
-    const delay = Math.floor(this._random() * cap);
+    const delay = this._delay(this._attempt);
     this._attempt += 1;
     const detail = { code, reason, attempt: this._attempt, delay, failures: this._failures };
     if (this._state !== "reconnecting") this._setState("reconnecting", detail);
@@ -778,8 +786,7 @@ export class ReplayClient {
     if (sub && frame.ref !== undefined && frame.ref === sub._pendingRef) {
       sub._pendingRef = null;
       if (RETRY_SUBSCRIBE.has(frame.code)) {
-        const { initial, max, factor } = this._backoff;
-        const delay = Math.floor(this._random() * Math.min(max, initial * factor ** sub._retries));
+        const delay = this._delay(sub._retries);
         sub._retries += 1;
         sub._retryTimer = this._setTimeout(() => {
           sub._retryTimer = null;
