@@ -33,6 +33,8 @@ See ``docs/client.md``.
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import logging
 import math
 import random
@@ -167,6 +169,40 @@ class _Session:
         self.outbox.append(frame)
         self.queued += 1
         self.wakeup.set()
+
+
+def _connector() -> Callable[..., Any]:
+    """The ``connect`` of the websockets implementation for the running event loop: asyncio's or trio's.
+
+    Raises ``ImportError`` under trio when the installed websockets has no trio
+    implementation (it came with websockets 16).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: anyio runs us on trio
+        try:
+            module = importlib.import_module("websockets.trio.client")
+        except ImportError as exc:
+            raise ImportError(
+                f"ReplayClient under trio needs websockets >= 16, which has a trio implementation ({exc})"
+            ) from None
+    else:
+        module = importlib.import_module("websockets.asyncio.client")
+    connect: Callable[..., Any] = module.connect
+    return connect
+
+
+async def _abort(ws: Any) -> None:
+    """Drop a dead connection's TCP stream at once, without the closing handshake."""
+    transport = getattr(ws, "transport", None)  # websockets.asyncio
+    if transport is not None:
+        transport.abort()
+        return
+    stream = getattr(ws, "stream", None)  # websockets.trio
+    if stream is not None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # as trio.aclose_forcefully: close the stream without a graceful TLS or TCP goodbye
+            await stream.aclose()
 
 
 def _redacted(url: str) -> str:
@@ -308,7 +344,9 @@ class ReplayClient:
         self._urgent = anyio.Event()
         self._save_lock = anyio.Lock()
         self._stack: AsyncExitStack | None = None
-        # Made by __aenter__: a cancel scope cannot be made outside an event loop.
+        # Made by __aenter__: a cancel scope cannot be made outside an event loop, and the
+        # websockets implementation depends on the loop (asyncio or trio).
+        self._connect: Callable[..., Any]
         self._scope: anyio.CancelScope
         self._flusher_scope: anyio.CancelScope
         self._done = anyio.Event()
@@ -332,6 +370,7 @@ class ReplayClient:
         """
         if self._started:
             raise ClientClosed("a ReplayClient can be entered only once")
+        self._connect = _connector()
         for topic, cursor in self._initial.items():
             if cursor is None and self.cursor_store is not None:
                 cursor = await self.cursor_store.load(topic)
@@ -688,7 +727,6 @@ class ReplayClient:
         self._notify_all()
 
     async def _connect_once(self) -> _Outcome:
-        from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidProxy, InvalidStatus, InvalidURI, WebSocketException
         from websockets.typing import Origin, Subprotocol
 
@@ -704,9 +742,17 @@ class ReplayClient:
             "ping_interval": None,
         }
         options.update(self.connect_options)
+        # Both implementations of websockets are async context managers (asyncio's can also be
+        # awaited; trio's can only be entered, as it opens a nursery in the caller's task).
+        opened = False
+        outcome: _Outcome | None = None
         try:
-            ws = await connect(self.url, **options)
+            async with self._connect(self.url, **options) as ws:
+                opened = True
+                outcome = await self._serve(number, ws)
         except InvalidStatus as exc:
+            if opened:
+                raise
             status = exc.response.status_code
             if not status_retryable(status):
                 body = exc.response.body.decode("utf-8", "replace")[:200] if exc.response.body else ""
@@ -714,12 +760,23 @@ class ReplayClient:
             logger.info("[client#%d] handshake failed with HTTP %d", number, status)
             return _Outcome(healthy=False)
         except (InvalidURI, InvalidProxy) as exc:
+            if opened:
+                raise
             # Not the exception's text: it may quote the URL, token and all.
             message = f"cannot connect to {_redacted(self.url)!r}: {type(exc).__name__}"
             return _Outcome(healthy=False, stop=ClientStopped(message))
         except (OSError, TimeoutError, WebSocketException) as exc:
-            logger.info("[client#%d] cannot connect: %r", number, exc)
-            return _Outcome(healthy=False)
+            if not opened:
+                logger.info("[client#%d] cannot connect: %r", number, exc)
+                return _Outcome(healthy=False)
+            if outcome is None:
+                raise
+            logger.info("[client#%d] closing the socket failed: %r", number, exc)
+        assert outcome is not None
+        return outcome
+
+    async def _serve(self, number: int, ws: Any) -> _Outcome:
+        """Run one open connection until it ends, then close it (shielded: the close frame goes out)."""
         if ws.subprotocol != SUBPROTOCOL:
             logger.warning("[client#%d] the server did not accept subprotocol %s", number, SUBPROTOCOL)
         self.connections += 1
@@ -740,7 +797,8 @@ class ReplayClient:
                 session.progress.set()  # wakes an aclose() waiting for frames this session will never send
             self._core.disconnected()
             with anyio.CancelScope(shield=True):
-                await ws.close()
+                # asyncio's connection has close(), trio's aclose(); both are idempotent.
+                await (ws.aclose() if hasattr(ws, "aclose") else ws.close())
 
     def _send_subscribe(self, session: _Session, state: _Topic) -> None:
         session.send(self._core.subscribe(state).frame)
@@ -790,7 +848,7 @@ class ReplayClient:
                     return self._close_outcome(session, rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
             if scope.cancelled_caught:
                 logger.warning("[client#%d] no frame for %.1fs: the socket is dead, reconnecting", session.id, silence)
-                session.ws.transport.abort()
+                await _abort(session.ws)
                 return _Outcome(healthy=session.healthy)
             session.healthy = True
             if isinstance(message, bytes):
