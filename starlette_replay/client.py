@@ -919,7 +919,7 @@ class ReplayClient:
             self._enqueue(state, action.reset)
         elif state.processed is None:
             # A fresh start: everything before it counts as handled, so a restart resumes here.
-            state.processed = state.cursor()
+            state.processed = action.start
             self._dirty.set()
         if self.acks and state.processed is not None and state.processed != state.acked:
             self._dirty.set()

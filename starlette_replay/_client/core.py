@@ -197,10 +197,15 @@ class Deliver:
 
 @dataclass(frozen=True, slots=True)
 class Confirmed:
-    """The server confirmed ``state``'s subscription; ``reset`` (else None) is the gap to report first."""
+    """The server confirmed ``state``'s subscription; ``reset`` (else None) is the gap to report first.
+
+    ``start`` is the position right before the first event that follows; ``previous`` the
+    cursor the client resumed from (None for a fresh subscription).
+    """
 
     state: TopicState
     reset: Reset | None
+    start: Cursor
     previous: Cursor | None
 
 
@@ -380,7 +385,7 @@ class ClientCore:
             reset = Reset(state.name, epoch, start, replayed, previous)
         if gap or previous is None:
             state.epoch, state.offset, state.time = epoch, start, None
-        return [Confirmed(state, reset, previous)]
+        return [Confirmed(state, reset, Cursor(epoch, start), previous)]
 
     def _on_event(self, frame: EventFrame) -> list[Action]:
         state = self.topics.get(frame.topic)
