@@ -114,3 +114,25 @@ def test_a_silent_socket_is_dropped_under_trio() -> None:
     assert not fake.errors
     assert [(type(i), i.offset) for i in items] == [(Event, 1), (Event, 2)]
     assert len(fake.peers) == 2
+
+
+def test_under_trio_an_old_websockets_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import starlette_replay.client as client_module
+
+    real = importlib.import_module
+
+    def without_trio(name: str) -> Any:
+        if name == "websockets.trio.client":
+            raise ImportError("No module named 'websockets.trio'")
+        return real(name)
+
+    monkeypatch.setattr(client_module.importlib, "import_module", without_trio)
+
+    async def main() -> None:
+        async with ReplayClient("ws://127.0.0.1:9/ws"):
+            pass
+
+    with pytest.raises(ImportError, match="websockets >= 16"):
+        trio.run(main)
