@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from starlette_replay._client.backoff import Backoff
@@ -15,7 +17,7 @@ from starlette_replay._client.core import (
     follows,
     status_retryable,
 )
-from starlette_replay.protocol import Subscribed
+from starlette_replay.protocol import Subscribed, parse_server_frame
 
 
 @pytest.mark.parametrize(
@@ -89,3 +91,33 @@ def test_subscribe_sends_the_cursor_and_its_time_or_rewind() -> None:
     assert core.subscribe(fresh) == Send(
         '{"type":"subscribe","topic":"t","epoch":"e1","offset":4,"time":1234,"ref":"s2"}'
     )
+
+
+SUBSCRIBED = {"type": "subscribed", "topic": "t", "epoch": "e", "offset": 1, "resumed": False, "recovered": False}
+SUBSCRIBED["replayed"] = 0
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "event", "topic": "t", "offset": True, "event": "e", "data": 1, "time": 1},
+        {"type": "event", "topic": "t", "offset": 1.0, "event": "e", "data": 1, "time": 1},
+        {"type": "event", "topic": "t", "offset": -1, "event": "e", "data": 1, "time": 1},
+        {"type": "event", "topic": "t", "offset": 2**53, "event": "e", "data": 1, "time": 1},
+        {"type": "event", "topic": "t", "offset": 1, "event": 5, "data": 1, "time": 1},
+        {"type": "event", "topic": "t", "offset": 1, "event": "e", "data": 1, "time": "1"},
+        {"type": "event", "topic": 7, "offset": 1, "event": "e", "data": 1, "time": 1},
+        {**SUBSCRIBED, "epoch": ""},
+        {**SUBSCRIBED, "resumed": 0},
+        {**SUBSCRIBED, "replayed": 2},
+        {**SUBSCRIBED, "replayed": None},
+        {**SUBSCRIBED, "ref": True},
+        {"type": "error", "code": 1, "message": "m"},
+        {"type": "error", "code": "c", "message": "m", "topic": 3},
+        {"type": "nope"},
+    ],
+)
+def test_ill_typed_server_frames_never_reach_the_core(frame: dict[str, object]) -> None:
+    parse_server_frame(json.dumps(SUBSCRIBED))  # the frame the subscribed cases spoil
+    with pytest.raises(ValueError):
+        parse_server_frame(json.dumps(frame))
