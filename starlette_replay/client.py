@@ -33,36 +33,60 @@ See ``docs/client.md``.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import importlib
 import logging
 import math
-import os
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 
-from .errors import ReplayError
-from .events import Event
-from .protocol import (
-    MAX_OFFSET,
-    SUBPROTOCOL,
-    Ack,
-    CloseCode,
-    ErrorCode,
-    Subscribe,
-    Unsubscribe,
-    check_topic,
-    encode_client_frame,
+from ._client.backoff import Backoff
+from ._client.core import (
+    TROUBLE_CLOSE,
+    AckRefused,
+    Action,
+    ClientCore,
+    Confirmed,
+    Deliver,
+    ErrorReceived,
+    Item,
+    Pacer,
+    Refused,
+    Reset,
+    RetrySubscribe,
+    Send,
+    TopicState,
+    Unmatched,
+    close_stop,
+    is_offset,
+    status_retryable,
 )
+from ._client.cursors import CursorStore, FileCursorStore, MemoryCursorStore
+from ._client.errors import (
+    BadRequestError,
+    ClientClosed,
+    ClientStopped,
+    ForbiddenError,
+    HandshakeRejected,
+    InternalServerError,
+    NotSubscribedError,
+    RateLimitedError,
+    ReplayClientError,
+    ServerClosed,
+    ServerError,
+    TooManySubscriptionsError,
+    UnavailableError,
+)
+from .events import Event
+from .protocol import SUBPROTOCOL, Ack, CloseCode, Unsubscribe, check_topic, encode_client_frame, parse_server_frame
 from .stores.base import Cursor
 
 if TYPE_CHECKING:
@@ -99,361 +123,16 @@ __all__ = [
 logger = logging.getLogger("starlette_replay.client")
 
 
-# --- errors ----------------------------------------------------------------------------
-
-
-class ReplayClientError(ReplayError):
-    """Root of the errors the client raises."""
-
-
-class ClientClosed(ReplayClientError, RuntimeError):
-    """The client was used before ``async with`` entered it, or after it was closed."""
-
-
-class ClientStopped(ReplayClientError):
-    """The client stopped for good: the server said retrying cannot help.
-
-    Raised by the iterator (after the items received before it) and by every
-    later call. Subclasses say why.
-    """
-
-
-class HandshakeRejected(ClientStopped):
-    """The server refused the WebSocket handshake with an HTTP 4xx status (403: origin or ``identify``).
-
-    ``status`` is the HTTP status code. 408 and 429 are retried instead, like 5xx.
-    """
-
-    def __init__(self, status: int, message: str = "") -> None:
-        super().__init__(f"handshake rejected with HTTP {status}" + (f": {message}" if message else ""))
-        self.status = status
-
-
-class ServerClosed(ClientStopped):
-    """The server closed the connection with a code that means "do not reconnect".
-
-    ``code`` is 1000 (normal close sent by the server), 1008 (policy: bad frames,
-    frame rate, identity revoked) or 1009 (a client frame was too large);
-    ``reason`` is the close reason the server gave.
-    """
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"server closed the connection with {code}" + (f": {reason}" if reason else ""))
-        self.code = code
-        self.reason = reason
-
-
-class ServerError(ReplayClientError):
-    """An ``error`` frame from the server. Subclasses exist for each code of the protocol.
-
-    ``code`` is the protocol's error code (a string, so that codes added later
-    still come through), ``message`` the server's text, ``topic`` the topic the
-    refused frame named (when the server said), ``ref`` the refused frame's ref.
-    """
-
-    code: str = "unknown"
-
-    def __init__(self, message: str, *, code: str | None = None, topic: str | None = None, ref: Any = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        self.message = message
-        self.topic = topic
-        self.ref = ref
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(code={self.code!r}, topic={self.topic!r}, message={self.message!r})"
-
-    def __str__(self) -> str:
-        where = f" (topic {self.topic!r})" if self.topic is not None else ""
-        return f"{self.code}{where}: {self.message}"
-
-    @staticmethod
-    def from_frame(code: str, message: str, topic: str | None, ref: Any) -> ServerError:
-        """The exception for an ``error`` frame: the subclass of ``code``, else :class:`ServerError`."""
-        cls = _ERRORS_BY_CODE.get(code, ServerError)
-        return cls(message, code=code, topic=topic, ref=ref)
-
-
-class BadRequestError(ServerError):
-    """``bad_request``: the server could not accept a frame the client sent."""
-
-    code = ErrorCode.BAD_REQUEST.value
-
-
-class ForbiddenError(ServerError):
-    """``forbidden``: the server's ``authorize`` hook refused the topic. Not retried."""
-
-    code = ErrorCode.FORBIDDEN.value
-
-
-class TooManySubscriptionsError(ServerError):
-    """``too_many_subscriptions``: the connection holds the server's maximum of topics. Not retried."""
-
-    code = ErrorCode.TOO_MANY_SUBSCRIPTIONS.value
-
-
-class NotSubscribedError(ServerError):
-    """``not_subscribed``: an ack or unsubscribe named a topic the connection did not hold."""
-
-    code = ErrorCode.NOT_SUBSCRIBED.value
-
-
-class RateLimitedError(ServerError):
-    """``rate_limited``: the server dropped a frame; the client sends it again later."""
-
-    code = ErrorCode.RATE_LIMITED.value
-
-
-class UnavailableError(ServerError):
-    """``unavailable``: the server's store cannot be reached; a subscribe is retried with backoff."""
-
-    code = ErrorCode.UNAVAILABLE.value
-
-
-class InternalServerError(ServerError):
-    """``internal``: the server failed on the frame (e.g. its ``authorize`` hook raised); retried."""
-
-    code = ErrorCode.INTERNAL.value
-
-
-_ERRORS_BY_CODE: dict[str, type[ServerError]] = {
-    cls.code: cls
-    for cls in (
-        BadRequestError,
-        ForbiddenError,
-        TooManySubscriptionsError,
-        NotSubscribedError,
-        RateLimitedError,
-        UnavailableError,
-        InternalServerError,
-    )
-}
-# Refusals of a subscribe that another try may cure.
-_RETRYABLE = frozenset({ErrorCode.UNAVAILABLE.value, ErrorCode.RATE_LIMITED.value, ErrorCode.INTERNAL.value})
-# Close codes after which reconnecting cannot help (protocol: "What a client does on close").
-_FATAL_CLOSE = frozenset({CloseCode.NORMAL, CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG})
-# Close codes that say the server is in trouble: the backoff keeps growing even after a healthy session.
-_TROUBLE_CLOSE = frozenset({CloseCode.INTERNAL_ERROR, CloseCode.TRY_AGAIN_LATER})
-# HTTP statuses at the handshake that are worth retrying (besides 5xx).
-_RETRY_STATUS = frozenset({408, 429})
-
-
-# --- items -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """The server could not resume ``topic`` from the client's cursor: events may have been lost.
-
-    Yielded by the iterator in the topic's stream, before the events that
-    follow it. It happens when the topic's epoch changed (the store lost its
-    history, e.g. a memory store restarted), or the cursor was older than the
-    retained history, or ahead of the head. The application should treat what
-    it built from the topic as possibly incomplete and refetch it (e.g. from
-    ``replay.history`` behind an HTTP route of the app).
-
-    ``epoch`` is the topic's new epoch; the events that follow have offsets
-    ``offset + 1``, ``offset + 2``, ... in it (``replayed`` of them were stored
-    before the subscription started). ``previous`` is the cursor the client
-    asked to resume from, or None when the server resumed from the identity's
-    stored cursor.
-    """
-
-    topic: str
-    epoch: str
-    offset: int
-    replayed: int
-    previous: Cursor | None
-
-    @property
-    def cursor(self) -> Cursor:
-        """The position right after this reset: ``Cursor(epoch, offset)``."""
-        return Cursor(self.epoch, self.offset)
-
-
-Item = Event | Reset
-
-
-# --- backoff -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter.
-
-    The n-th retry in a row (n = 0, 1, 2, ...) waits a uniformly random time in
-    ``[0, min(max, initial * multiplier**n)]``. The count starts again at 0
-    after a session in which the server answered (unless it closed with 1011 or
-    1013, which say it is in trouble).
-    """
-
-    initial: float = 0.5
-    max: float = 30.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        for name in ("initial", "max", "multiplier"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"Backoff.{name} must be a finite number, not {value!r}")
-        if not self.initial > 0:
-            raise ValueError(f"Backoff.initial must be positive, not {self.initial!r}")
-        if self.max < self.initial:
-            raise ValueError(f"Backoff.max ({self.max!r}) must be at least Backoff.initial ({self.initial!r})")
-        if self.multiplier < 1:
-            raise ValueError(f"Backoff.multiplier must be at least 1, not {self.multiplier!r}")
-
-    def cap(self, attempt: int) -> float:
-        """The longest wait before retry number ``attempt`` (0 for the first): never more than ``max``."""
-        cap = float(self.initial)
-        for _ in range(attempt):
-            cap *= self.multiplier
-            if cap >= self.max:
-                return float(self.max)
-        return min(cap, float(self.max))
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """A random wait in ``[0, cap(attempt)]``; ``rng`` returns a float in ``[0, 1)``."""
-        return rng() * self.cap(attempt)
-
-
-# --- cursor persistence ------------------------------------------------------------------
-
-
-@runtime_checkable
-class CursorStore(Protocol):
-    """Where a client keeps its processed cursors across process restarts.
-
-    ``load`` is called once per topic when the client subscribes to it without
-    an explicit cursor; ``save`` with the cursors that moved since the last
-    save, at the same batched points as acks and when the client closes. An
-    exception from ``save`` is logged and the save retried at the next flush;
-    one from ``load`` propagates to the caller of ``subscribe`` (or ``async with``).
-    """
-
-    async def load(self, topic: str) -> Cursor | None:
-        """The saved cursor of ``topic``, or None."""
-        ...
-
-    async def save(self, cursors: Mapping[str, Cursor]) -> None:
-        """Persist ``cursors`` (topic -> cursor); topics not named keep their saved cursor."""
-        ...
-
-
-class MemoryCursorStore:
-    """A :class:`CursorStore` in a dict (``cursors``): for tests, or to share cursors between clients of one process."""
-
-    def __init__(self, cursors: Mapping[str, Cursor] | None = None) -> None:
-        self.cursors: dict[str, Cursor] = dict(cursors or {})
-        self.saves = 0
-
-    async def load(self, topic: str) -> Cursor | None:
-        """The saved cursor of ``topic``, or None. Safe to cancel."""
-        return self.cursors.get(topic)
-
-    async def save(self, cursors: Mapping[str, Cursor]) -> None:
-        """Update the dict. Safe to cancel."""
-        self.cursors.update(cursors)
-        self.saves += 1
-
-
-class FileCursorStore:
-    """A :class:`CursorStore` in one JSON file, replaced atomically (written aside, fsynced, renamed).
-
-    The file maps each topic to ``[epoch, offset]``. One client per file: two
-    clients saving to the same file would overwrite each other's topics.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._cursors: dict[str, Cursor] | None = None
-        self._lock = anyio.Lock()
-
-    def _read(self) -> dict[str, Cursor]:
-        try:
-            text = self.path.read_text("utf-8")
-        except FileNotFoundError:
-            return {}
-        cursors: dict[str, Cursor] = {}
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError(f"{self.path}: expected a JSON object of topic -> [epoch, offset]")
-        for topic, value in raw.items():
-            if (
-                isinstance(value, list)
-                and len(value) == 2
-                and isinstance(value[0], str)
-                and isinstance(value[1], int)
-                and not isinstance(value[1], bool)
-            ):
-                cursors[topic] = Cursor(value[0], value[1])
-            else:
-                logger.warning("%s: ignoring the malformed cursor of %r", self.path, topic)
-        return cursors
-
-    def _write(self, cursors: dict[str, Cursor]) -> None:
-        text = json.dumps({topic: [c.epoch, c.offset] for topic, c in sorted(cursors.items())}, ensure_ascii=False)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, self.path)
-
-    async def _all(self) -> dict[str, Cursor]:
-        if self._cursors is None:
-            self._cursors = await anyio.to_thread.run_sync(self._read)
-        return self._cursors
-
-    async def load(self, topic: str) -> Cursor | None:
-        """The saved cursor of ``topic``, or None. Raises ``OSError``/``ValueError`` for an unreadable file.
-
-        Safe to cancel (the file is read once, in a worker thread).
-        """
-        return (await self._all()).get(topic)
-
-    async def save(self, cursors: Mapping[str, Cursor]) -> None:
-        """Merge ``cursors`` into the file. Raises ``OSError``. Cancelling may leave the file as it was."""
-        async with self._lock:
-            merged = dict(await self._all())
-            merged.update(cursors)
-            await anyio.to_thread.run_sync(self._write, merged)
-            self._cursors = merged
-
-
 # --- the client --------------------------------------------------------------------------
 
 
-class _Topic:
-    """The client's state for one subscribed topic."""
+class _Topic(TopicState):
+    """The client's state for one subscribed topic: the rules' (:class:`TopicState`) and the application's."""
 
-    __slots__ = (
-        "acked",
-        "attempt",
-        "confirmed",
-        "epoch",
-        "error",
-        "live",
-        "name",
-        "offset",
-        "processed",
-        "ref",
-        "rewind",
-        "saved",
-        "unflushed",
-        "waiters",
-    )
+    __slots__ = ("acked", "confirmed", "error", "processed", "saved", "unflushed", "waiters")
 
     def __init__(self, name: str, cursor: Cursor | None, rewind: int) -> None:
-        self.name = name
-        # last offset received (and queued for the application), in `epoch`
-        self.epoch: str | None = cursor.epoch if cursor else None
-        self.offset = cursor.offset if cursor else 0
-        self.rewind = rewind
-        self.ref: str | None = None  # the subscribe in flight on this connection
-        self.live = False  # the server confirmed it on this connection: events are accepted
-        self.attempt = 0  # refusals in a row that are retried (unavailable, ...)
+        super().__init__(name, cursor, rewind)
         self.confirmed = anyio.Event()
         self.error: ServerError | None = None
         self.waiters = 0
@@ -461,9 +140,6 @@ class _Topic:
         self.acked: Cursor | None = None
         self.saved: Cursor | None = cursor
         self.unflushed = 0
-
-    def cursor(self) -> Cursor | None:
-        return Cursor(self.epoch, self.offset) if self.epoch is not None else None
 
 
 @dataclass(slots=True)
@@ -495,8 +171,38 @@ class _Session:
         self.wakeup.set()
 
 
-def _status_retryable(status: int) -> bool:
-    return status >= 500 or status in _RETRY_STATUS or status < 400
+def _connector() -> Callable[..., Any]:
+    """The ``connect`` of the websockets implementation for the running event loop: asyncio's or trio's.
+
+    Raises ``ImportError`` under trio when the installed websockets has no trio
+    implementation (it came with websockets 16).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: anyio runs us on trio
+        try:
+            module = importlib.import_module("websockets.trio.client")
+        except ImportError as exc:
+            raise ImportError(
+                f"ReplayClient under trio needs websockets >= 16, which has a trio implementation ({exc})"
+            ) from None
+    else:
+        module = importlib.import_module("websockets.asyncio.client")
+    connect: Callable[..., Any] = module.connect
+    return connect
+
+
+async def _abort(ws: Any) -> None:
+    """Drop a dead connection's TCP stream at once, without the closing handshake."""
+    transport = getattr(ws, "transport", None)  # websockets.asyncio
+    if transport is not None:
+        transport.abort()
+        return
+    stream = getattr(ws, "stream", None)  # websockets.trio
+    if stream is not None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # as trio.aclose_forcefully: close the stream without a graceful TLS or TCP goodbye
+            await stream.aclose()
 
 
 def _redacted(url: str) -> str:
@@ -622,7 +328,9 @@ class ReplayClient:
         self._sleep = sleep
         self._initial = initial
 
-        self._topics: dict[str, _Topic] = {}
+        # The rules (no I/O); this object does the I/O around them.
+        self._core = ClientCore(self.backoff, rng)
+        self._topics: dict[str, _Topic] = self._core.topics  # type: ignore[assignment]
         self._orphans: dict[str, Cursor] = {}  # processed cursors of topics left, still to save
         # items for the application: (topic state or None, item or error to raise)
         self._buffer: deque[tuple[_Topic | None, Item | ReplayClientError]] = deque()
@@ -632,12 +340,13 @@ class ReplayClient:
         self._last: tuple[_Topic, Item] | None = None  # handed out, not yet processed
         self._session: _Session | None = None
         self._sessions = 0
-        self._refs = 0
         self._dirty = anyio.Event()
         self._urgent = anyio.Event()
         self._save_lock = anyio.Lock()
         self._stack: AsyncExitStack | None = None
-        # Made by __aenter__: a cancel scope cannot be made outside an event loop.
+        # Made by __aenter__: a cancel scope cannot be made outside an event loop, and the
+        # websockets implementation depends on the loop (asyncio or trio).
+        self._connect: Callable[..., Any]
         self._scope: anyio.CancelScope
         self._flusher_scope: anyio.CancelScope
         self._done = anyio.Event()
@@ -661,6 +370,7 @@ class ReplayClient:
         """
         if self._started:
             raise ClientClosed("a ReplayClient can be entered only once")
+        self._connect = _connector()
         for topic, cursor in self._initial.items():
             if cursor is None and self.cursor_store is not None:
                 cursor = await self.cursor_store.load(topic)
@@ -795,8 +505,8 @@ class ReplayClient:
             cursor = state.processed
             if self.acks and state.live and cursor is not None and cursor != state.acked:
                 # The last word on this topic: the server stores where we stopped.
-                session.send(encode_client_frame(Ack(topic, cursor.epoch, cursor.offset, ref=self._ref("a"))))
-            session.send(encode_client_frame(Unsubscribe(topic, ref=self._ref("u"))))
+                session.send(encode_client_frame(Ack(topic, cursor.epoch, cursor.offset, ref=self._core.ref("a"))))
+            session.send(encode_client_frame(Unsubscribe(topic, ref=self._core.ref("u"))))
 
     def ack(self, item: Item) -> None:
         """Mark ``item`` (and everything before it in its topic) as processed.
@@ -870,10 +580,6 @@ class ReplayClient:
         if self._stopped is not None:
             raise self._stopped
 
-    def _ref(self, kind: str) -> str:
-        self._refs += 1
-        return f"{kind}{self._refs}"
-
     def _replace(self, topic: str, cursor: Cursor | None, rewind: int) -> _Topic:
         old = self._topics.get(topic)
         state = _Topic(topic, cursor, rewind)
@@ -939,17 +645,16 @@ class ReplayClient:
         self._buffer.append((None, error))
         self._ready.set()
 
-    async def _enqueue(self, state: _Topic, item: Item) -> bool:
-        """Queue ``item`` for the application once there is room; False if ``state`` was dropped meanwhile."""
+    async def _room(self) -> None:
+        """Wait until the buffer has room for an item (each server frame makes at most one)."""
         while self._items >= self.buffer_size and not self._closed:
             self._space = anyio.Event()
             await self._space.wait()
-        if self._topics.get(state.name) is not state or not state.live:
-            return False
+
+    def _enqueue(self, state: _Topic, item: Item) -> None:
         self._buffer.append((state, item))
         self._items += 1
         self._ready.set()
-        return True
 
     # --- internals: flushing cursors ---------------------------------------------------
 
@@ -981,7 +686,7 @@ class ReplayClient:
             if cursor is None:
                 continue
             if self.acks and session is not None and state.live and cursor != state.acked:
-                frame = Ack(state.name, cursor.epoch, cursor.offset, ref=self._ref("a"))
+                frame = Ack(state.name, cursor.epoch, cursor.offset, ref=self._core.ref("a"))
                 session.send(encode_client_frame(frame))
                 state.acked = cursor
             if self.cursor_store is not None and cursor != state.saved:
@@ -1007,17 +712,13 @@ class ReplayClient:
     # --- internals: the connection ------------------------------------------------------
 
     async def _run(self) -> None:
-        attempt = 0
         while True:
             outcome = await self._connect_once()
             if outcome.stop is not None:
                 self._stop(outcome.stop)
                 return
-            if outcome.healthy and not outcome.trouble:
-                attempt = 0
-            delay = self.backoff.delay(attempt, self._rng)
-            attempt += 1
-            logger.info("[client#%d] reconnecting in %.2fs (attempt %d)", self._sessions, delay, attempt)
+            delay = self._core.reconnect_delay(healthy=outcome.healthy, trouble=outcome.trouble)
+            logger.info("[client#%d] reconnecting in %.2fs (attempt %d)", self._sessions, delay, self._core.attempt)
             await self._sleep(delay)
 
     def _stop(self, error: ClientStopped) -> None:
@@ -1026,7 +727,6 @@ class ReplayClient:
         self._notify_all()
 
     async def _connect_once(self) -> _Outcome:
-        from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidProxy, InvalidStatus, InvalidURI, WebSocketException
         from websockets.typing import Origin, Subprotocol
 
@@ -1042,22 +742,41 @@ class ReplayClient:
             "ping_interval": None,
         }
         options.update(self.connect_options)
+        # Both implementations of websockets are async context managers (asyncio's can also be
+        # awaited; trio's can only be entered, as it opens a nursery in the caller's task).
+        opened = False
+        outcome: _Outcome | None = None
         try:
-            ws = await connect(self.url, **options)
+            async with self._connect(self.url, **options) as ws:
+                opened = True
+                outcome = await self._serve(number, ws)
         except InvalidStatus as exc:
+            if opened:
+                raise
             status = exc.response.status_code
-            if not _status_retryable(status):
+            if not status_retryable(status):
                 body = exc.response.body.decode("utf-8", "replace")[:200] if exc.response.body else ""
                 return _Outcome(healthy=False, stop=HandshakeRejected(status, body))
             logger.info("[client#%d] handshake failed with HTTP %d", number, status)
             return _Outcome(healthy=False)
         except (InvalidURI, InvalidProxy) as exc:
+            if opened:
+                raise
             # Not the exception's text: it may quote the URL, token and all.
             message = f"cannot connect to {_redacted(self.url)!r}: {type(exc).__name__}"
             return _Outcome(healthy=False, stop=ClientStopped(message))
         except (OSError, TimeoutError, WebSocketException) as exc:
-            logger.info("[client#%d] cannot connect: %r", number, exc)
-            return _Outcome(healthy=False)
+            if not opened:
+                logger.info("[client#%d] cannot connect: %r", number, exc)
+                return _Outcome(healthy=False)
+            if outcome is None:
+                raise
+            logger.info("[client#%d] closing the socket failed: %r", number, exc)
+        assert outcome is not None
+        return outcome
+
+    async def _serve(self, number: int, ws: Any) -> _Outcome:
+        """Run one open connection until it ends, then close it (shielded: the close frame goes out)."""
         if ws.subprotocol != SUBPROTOCOL:
             logger.warning("[client#%d] the server did not accept subprotocol %s", number, SUBPROTOCOL)
         self.connections += 1
@@ -1066,8 +785,8 @@ class ReplayClient:
         try:
             async with anyio.create_task_group() as tg:
                 session = self._session = _Session(number, ws, tg)
-                for state in self._topics.values():
-                    self._send_subscribe(session, state)
+                for send in self._core.connected():
+                    session.send(send.frame)
                 tg.start_soon(self._writer, session)
                 outcome = await self._reader(session)
                 tg.cancel_scope.cancel()
@@ -1076,43 +795,28 @@ class ReplayClient:
             self._session = None
             if session is not None:
                 session.progress.set()  # wakes an aclose() waiting for frames this session will never send
-            for state in self._topics.values():
-                state.live = False
-                state.ref = None
+            self._core.disconnected()
             with anyio.CancelScope(shield=True):
-                await ws.close()
+                # asyncio's connection has close(), trio's aclose(); both are idempotent.
+                await (ws.aclose() if hasattr(ws, "aclose") else ws.close())
 
     def _send_subscribe(self, session: _Session, state: _Topic) -> None:
-        ref = self._ref("s")
-        state.ref = ref
-        state.live = False
-        cursor = state.cursor()
-        frame = Subscribe(
-            state.name,
-            cursor.epoch if cursor else None,
-            cursor.offset if cursor else None,
-            0 if cursor else state.rewind,
-            ref,
-        )
-        session.send(encode_client_frame(frame))
+        session.send(self._core.subscribe(state).frame)
 
     async def _writer(self, session: _Session) -> None:
         from websockets.exceptions import ConnectionClosed
 
         # Pace our own frames below the server's rate limit, so that a burst (a
         # hundred subscribes after a reconnect) is never dropped or closed with 1008.
-        rate, burst = self.max_frame_rate, float(self.frame_burst)
-        tokens, refilled = burst, anyio.current_time()
+        pacer = Pacer(self.max_frame_rate, self.frame_burst, anyio.current_time())
         while True:
             while not session.outbox:
                 session.wakeup = anyio.Event()
                 await session.wakeup.wait()
-            now = anyio.current_time()
-            tokens, refilled = min(burst, tokens + (now - refilled) * rate), now
-            if tokens < 1:
-                await anyio.sleep((1 - tokens) / rate)
+            wait = pacer.take(anyio.current_time())
+            if wait > 0:
+                await anyio.sleep(wait)
                 continue
-            tokens -= 1
             frame = session.outbox.popleft()
             try:
                 await session.ws.send(frame)
@@ -1144,190 +848,101 @@ class ReplayClient:
                     return self._close_outcome(session, rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
             if scope.cancelled_caught:
                 logger.warning("[client#%d] no frame for %.1fs: the socket is dead, reconnecting", session.id, silence)
-                session.ws.transport.abort()
+                await _abort(session.ws)
                 return _Outcome(healthy=session.healthy)
             session.healthy = True
             if isinstance(message, bytes):
                 logger.warning("[client#%d] ignoring a binary frame", session.id)
                 continue
             try:
-                obj = json.loads(message)
-                kind = obj["type"]
-            except (ValueError, TypeError, KeyError):
-                logger.warning("[client#%d] ignoring a frame that is not a protocol frame: %.100r", session.id, message)
+                frame = parse_server_frame(message)
+            except ValueError as exc:
+                logger.warning("[client#%d] ignoring a frame that is not a protocol frame: %s", session.id, exc)
                 continue
-            try:
-                if kind == "event":
-                    await self._on_event(session, obj)
-                elif kind == "subscribed":
-                    await self._on_subscribed(session, obj)
-                elif kind == "error":
-                    self._on_error(session, obj)
-                elif kind not in ("ping", "pong", "unsubscribed"):
-                    logger.debug("[client#%d] ignoring a %r frame", session.id, kind)
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("[client#%d] ignoring a malformed %r frame: %r", session.id, kind, exc)
+            await self._room()
+            self._apply(session, self._core.receive(frame))
 
     def _close_outcome(self, session: _Session, code: int | None, reason: str) -> _Outcome:
         if code is None:
             logger.info("[client#%d] connection lost (no close frame, 1006)", session.id)
             return _Outcome(healthy=session.healthy)
-        if code in _FATAL_CLOSE:
-            return _Outcome(healthy=session.healthy, stop=ServerClosed(code, reason))
+        stop = close_stop(code, reason)
+        if stop is not None:
+            return _Outcome(healthy=session.healthy, stop=stop)
         logger.info("[client#%d] server closed with %d %s", session.id, code, reason)
-        return _Outcome(healthy=session.healthy, trouble=code in _TROUBLE_CLOSE)
+        return _Outcome(healthy=session.healthy, trouble=code in TROUBLE_CLOSE)
 
-    async def _on_subscribed(self, session: _Session, obj: dict[str, Any]) -> None:
-        state = self._topics.get(obj["topic"])
-        ref = obj.get("ref")
-        if state is None or state.ref is None or (ref is not None and ref != state.ref):
-            return  # an answer to a subscribe that was replaced since (a server that echoes no ref is trusted)
-        epoch, head, replayed = obj["epoch"], obj["offset"], obj["replayed"]
-        if not isinstance(epoch, str) or not _is_offset(head) or not _is_offset(replayed) or replayed > head:
-            raise ValueError(f"bad position {epoch!r} {head!r} {replayed!r}")
-        start = head - replayed
-        previous = state.cursor()
-        gap = obj["resumed"] is True and obj["recovered"] is not True
-        if previous is not None and not gap and (epoch != previous.epoch or start > previous.offset):
-            logger.warning(
-                "[client#%d] %r: the server resumed at %s/%d, not at our cursor %s/%d: treating it as a reset",
-                session.id,
-                state.name,
-                epoch,
-                start,
-                previous.epoch,
-                previous.offset,
-            )
-            gap = True
-        state.ref = None
-        state.live = True
-        state.attempt = 0
-        if gap:
+    def _apply(self, session: _Session, actions: list[Action]) -> None:
+        """Carry out what the rules decided for one frame (synchronously: the buffer had room)."""
+        for action in actions:
+            if isinstance(action, Send):
+                session.send(action.frame)
+            elif isinstance(action, Deliver):
+                self._enqueue(action.state, action.event)  # type: ignore[arg-type]
+            elif isinstance(action, Confirmed):
+                self._confirmed(session, action)
+            elif isinstance(action, ErrorReceived):
+                if self.on_error is not None:
+                    try:
+                        self.on_error(action.error)
+                    except Exception:
+                        logger.exception("on_error raised")
+            elif isinstance(action, AckRefused):
+                # The ack was not stored: ack again at the next flush.
+                logger.info("[client#%d] ack refused: %s", session.id, action.error)
+                if isinstance(action.state, _Topic):
+                    action.state.acked = None
+                    self._dirty.set()
+            elif isinstance(action, RetrySubscribe):
+                name, delay = action.state.name, action.delay
+                logger.warning("[client#%d] subscribe of %r refused; retrying in %.2fs", session.id, name, delay)
+                session.tg.start_soon(self._resubscribe_later, session, action.state, action.delay)
+            elif isinstance(action, Refused):
+                self._refused(session, action)
+            elif isinstance(action, Unmatched):
+                logger.warning("[client#%d] server error: %s", session.id, action.error)
+                if self.on_error is None and action.push:
+                    self._push_error(action.error)
+
+    def _confirmed(self, session: _Session, action: Confirmed) -> None:
+        state = action.state
+        assert isinstance(state, _Topic)
+        if action.reset is not None:
             logger.warning(
                 "[client#%d] %r could not be resumed from %s: events may be lost (new epoch %s, %d replayed)",
                 session.id,
                 state.name,
-                previous,
-                epoch,
-                replayed,
+                action.previous,
+                action.reset.epoch,
+                action.reset.replayed,
             )
-            reset = Reset(state.name, epoch, start, replayed, previous)
-            state.epoch, state.offset = epoch, start
-            if not await self._enqueue(state, reset):
-                return
-        else:
-            if previous is None:
-                state.epoch, state.offset = epoch, start
-            if state.processed is None:
-                # A fresh start: everything before it counts as handled, so a restart resumes here.
-                state.processed = Cursor(epoch, start)
-                self._dirty.set()
+            self._enqueue(state, action.reset)
+        elif state.processed is None:
+            # A fresh start: everything before it counts as handled, so a restart resumes here.
+            state.processed = action.start
+            self._dirty.set()
         if self.acks and state.processed is not None and state.processed != state.acked:
             self._dirty.set()
         state.confirmed.set()
 
-    async def _on_event(self, session: _Session, obj: dict[str, Any]) -> None:
-        state = self._topics.get(obj["topic"])
-        if state is None or not state.live or state.epoch is None:
-            return  # not (yet) confirmed on this connection: replayed after the subscribed
-        offset = obj["offset"]
-        if not _is_offset(offset):
-            raise ValueError(f"bad offset {offset!r}")
-        if offset <= state.offset:
-            logger.debug("[client#%d] %r: dropping duplicate offset %d", session.id, state.name, offset)
-            return
-        if offset > state.offset + 1:
-            logger.warning(
-                "[client#%d] %r: offset %d after %d, resubscribing from %d",
-                session.id,
-                state.name,
-                offset,
-                state.offset,
-                state.offset,
-            )
-            self._send_subscribe(session, state)
-            return
-        event_type, time = obj["event"], obj["time"]
-        if not isinstance(event_type, str) or not isinstance(time, int):
-            raise ValueError("bad event type or time")
-        data = obj.get("data")
-        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-        event = Event(state.name, state.epoch, offset, event_type, raw, time, data=data)
-        if await self._enqueue(state, event):
-            state.offset = offset
-
-    def _on_error(self, session: _Session, obj: dict[str, Any]) -> None:
-        code, message = obj["code"], obj["message"]
-        topic, ref = obj.get("topic"), obj.get("ref")
-        error = ServerError.from_frame(str(code), str(message), topic if isinstance(topic, str) else None, ref)
-        kind = ref[0] if isinstance(ref, str) and ref else ""
-        state = self._topics.get(error.topic) if error.topic is not None else None
-        if state is None and kind == "s":
-            state = next((s for s in self._topics.values() if s.ref == ref), None)
-        if ref is None and state is not None and state.ref is not None and error.code != ErrorCode.NOT_SUBSCRIBED:
-            # A server that does not echo refs: a refusal naming a topic with a subscribe in flight is its answer.
-            kind, ref = "s", state.ref
-        if self.on_error is not None:
-            try:
-                self.on_error(error)
-            except Exception:
-                logger.exception("on_error raised")
-        if kind == "a":
-            # The ack was not stored: ack again at the next flush.
-            logger.info("[client#%d] ack refused: %s", session.id, error)
-            if state is not None:
-                state.acked = None
-                self._dirty.set()
-            return
-        if kind == "u":
-            logger.debug("[client#%d] unsubscribe answered with %s", session.id, error)
-            return
-        if kind == "s":
-            if state is None or state.ref != ref:
-                logger.debug("[client#%d] ignoring %s for a subscribe replaced since", session.id, error)
-                return
-            state.ref = None
-            if error.code in _RETRYABLE:
-                delay = self.backoff.delay(state.attempt, self._rng)
-                state.attempt += 1
-                logger.warning("[client#%d] subscribe refused (%s); retrying in %.2fs", session.id, error, delay)
-                session.tg.start_soon(self._resubscribe_later, session, state, delay)
-                return
-            logger.error("[client#%d] subscribe refused: %s", session.id, error)
-            del self._topics[state.name]
-            state.error = error
-            state.confirmed.set()
-            if not state.waiters and self.on_error is None:
-                self._push_error(error)
-            return
-        if ref is None and error.code == ErrorCode.RATE_LIMITED.value:
-            # The server does not say which frame it dropped: send again what may be lost.
-            logger.warning("[client#%d] a frame was rate limited: %s", session.id, error)
-            for other in self._topics.values():
-                if not other.live:
-                    session.tg.start_soon(self._resubscribe_later, session, other, self.backoff.delay(0, self._rng))
-                other.acked = None
-            self._dirty.set()
-            return
-        if error.code == ErrorCode.NOT_SUBSCRIBED.value:
-            logger.debug("[client#%d] %s", session.id, error)
-            return
-        logger.warning("[client#%d] server error: %s", session.id, error)
-        if self.on_error is None and error.code not in _RETRYABLE:
+    def _refused(self, session: _Session, action: Refused) -> None:
+        state, error = action.state, action.error
+        assert isinstance(state, _Topic)
+        logger.error("[client#%d] subscribe refused: %s", session.id, error)
+        state.error = error
+        state.confirmed.set()
+        if not state.waiters and self.on_error is None:
             self._push_error(error)
 
-    async def _resubscribe_later(self, session: _Session, state: _Topic, delay: float) -> None:
+    async def _resubscribe_later(self, session: _Session, state: TopicState, delay: float) -> None:
         await self._sleep(delay)
-        if self._session is session and self._topics.get(state.name) is state and not state.live:
-            self._send_subscribe(session, state)
-
-
-def _is_offset(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OFFSET
+        if self._session is session:
+            for send in self._core.retry(state):
+                session.send(send.frame)
 
 
 def _check_rewind(rewind: object) -> int:
-    if isinstance(rewind, int) and _is_offset(rewind):
+    if isinstance(rewind, int) and is_offset(rewind):
         return rewind
     raise ValueError(f"rewind must be a non-negative integer, not {rewind!r}")
 
@@ -1337,6 +952,6 @@ def _check_cursor(cursor: object) -> Cursor | None:
         return None
     if not isinstance(cursor, Cursor):
         raise TypeError(f"cursor must be a starlette_replay.Cursor or None, not {type(cursor).__name__}")
-    if not isinstance(cursor.epoch, str) or not cursor.epoch or not _is_offset(cursor.offset):
+    if not isinstance(cursor.epoch, str) or not cursor.epoch or not is_offset(cursor.offset):
         raise ValueError(f"invalid cursor {cursor!r}: a non-empty epoch and an offset from 0 to 2**53-1")
     return cursor

@@ -182,6 +182,9 @@ class Subscribe:
     offset: int | None = None
     rewind: int = 0
     ref: Ref | None = None
+    # The `time` of the event at `offset` as the client received it ("Reused offsets"). Encoded by
+    # clients; parse_client_frame leaves it None (the server does not use it yet).
+    time: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +326,8 @@ def encode_client_frame(frame: ClientFrame) -> str:
         if frame.epoch is not None and frame.offset is not None:
             obj["epoch"] = frame.epoch
             obj["offset"] = frame.offset
+            if frame.time is not None:
+                obj["time"] = frame.time
         if frame.rewind:
             obj["rewind"] = frame.rewind
     elif isinstance(frame, Unsubscribe):
@@ -473,10 +478,35 @@ class ErrorFrame:
 ServerFrame = Subscribed | EventFrame | Unsubscribed | Pong | ServerPing | ErrorFrame
 
 
+def _server_field(obj: dict[str, Any], name: str, kind: type) -> Any:
+    value = obj[name]
+    # bool is an int subclass in Python, but `true` is not a JSON integer.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{obj.get('type')} frame: {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _server_offset(obj: dict[str, Any], name: str) -> int:
+    value = _server_field(obj, name, int)
+    if not 0 <= value <= MAX_OFFSET:
+        raise ValueError(f"{obj.get('type')} frame: {name!r} out of range ({value})")
+    return int(value)
+
+
+def _server_ref(obj: dict[str, Any]) -> Ref | None:
+    ref = obj.get("ref")
+    if ref is None or (isinstance(ref, str | int) and not isinstance(ref, bool)):
+        return ref
+    raise ValueError(f"{obj.get('type')} frame: 'ref' has the wrong type ({type(ref).__name__})")
+
+
 def parse_server_frame(text: str | bytes) -> ServerFrame:
     """Parse one server frame (what a client receives).
 
-    Raises ``ValueError`` when the text is not a frame of this protocol.
+    Raises ``ValueError`` when the text is not a frame of this protocol: not
+    JSON, an unknown type, a missing field, or a field of the wrong type (an
+    offset that is not an integer from 0 to 2**53-1, an empty epoch,
+    ``replayed`` above ``offset``, ...).
     """
     obj = json.loads(text)
     if not isinstance(obj, dict):
@@ -484,25 +514,42 @@ def parse_server_frame(text: str | bytes) -> ServerFrame:
     kind = obj.get("type")
     try:
         if kind == "event":
-            return EventFrame(obj["topic"], obj["offset"], obj["event"], obj.get("data"), obj["time"])
+            return EventFrame(
+                _server_field(obj, "topic", str),
+                _server_offset(obj, "offset"),
+                _server_field(obj, "event", str),
+                obj.get("data"),
+                _server_field(obj, "time", int),
+            )
         if kind == "subscribed":
+            epoch = _server_field(obj, "epoch", str)
+            if not epoch:
+                raise ValueError("subscribed frame: empty 'epoch'")
+            offset, replayed = _server_offset(obj, "offset"), _server_offset(obj, "replayed")
+            if replayed > offset:
+                raise ValueError(f"subscribed frame: 'replayed' ({replayed}) above 'offset' ({offset})")
             return Subscribed(
-                obj["topic"],
-                obj["epoch"],
-                obj["offset"],
-                obj["resumed"],
-                obj["recovered"],
-                obj["replayed"],
-                obj.get("ref"),
+                _server_field(obj, "topic", str),
+                epoch,
+                offset,
+                _server_field(obj, "resumed", bool),
+                _server_field(obj, "recovered", bool),
+                replayed,
+                _server_ref(obj),
             )
         if kind == "unsubscribed":
-            return Unsubscribed(obj["topic"], obj.get("ref"))
+            return Unsubscribed(_server_field(obj, "topic", str), _server_ref(obj))
         if kind == "pong":
-            return Pong(obj.get("ref"))
+            return Pong(_server_ref(obj))
         if kind == "ping":
             return ServerPing()
         if kind == "error":
-            return ErrorFrame(obj["code"], obj["message"], obj.get("topic"), obj.get("ref"))
+            topic = obj.get("topic")
+            if topic is not None and not isinstance(topic, str):
+                raise ValueError("error frame: 'topic' has the wrong type")
+            return ErrorFrame(
+                _server_field(obj, "code", str), _server_field(obj, "message", str), topic, _server_ref(obj)
+            )
     except KeyError as exc:
         raise ValueError(f"{kind} frame without field {exc}") from None
     raise ValueError(f"unknown server frame type {kind!r}")

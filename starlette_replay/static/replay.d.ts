@@ -2,7 +2,7 @@
 
 export declare const PROTOCOL: "replay.v1";
 export declare const VERSION: string;
-/** Close codes after which the client stops instead of reconnecting. */
+/** Close codes after which the client stops instead of reconnecting: 1000, 1008, 1009. */
 export declare const STOP_CODES: readonly number[];
 
 /** Turn a relative or http(s) URL into a ws(s) URL, resolved against the page. */
@@ -12,6 +12,8 @@ export declare function resolveUrl(url: string): string;
 export interface Cursor {
   epoch: string;
   offset: number;
+  /** The `time` of the event at `offset`, when the client received it: sent on resume ("Reused offsets"). */
+  time?: number;
 }
 
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
@@ -108,6 +110,10 @@ export interface ClientOptions {
   maxHandshakeFailures?: number;
   /** Send batched `ack` frames (default off; interval 1000 ms). */
   ack?: boolean | { interval?: number };
+  /** The client's own frames per second, paced by a token bucket (default 50, under the server's 100). */
+  maxFrameRate?: number;
+  /** Frames the pacer lets through at once (default 100, under the server's burst of 200). */
+  frameBurst?: number;
   /** Connect on the first subscribe() (default true). */
   autoConnect?: boolean;
   /** Retry at once on the window's `online` event (default true). */

@@ -18,10 +18,15 @@
  *   resumes from it on every reconnect and after a page reload;
  * - drops duplicates (offset at or below the cursor) and repairs holes (an offset
  *   that skips ahead makes it subscribe again from the last good offset);
- * - reconnects with exponential backoff and full jitter on 1001, 1006, 1011, 1012,
- *   1013 and any other code not listed in STOP_CODES; stops on 1000 sent by the
- *   server, 1008, 1009 (and 1002, 1003, 1007: retrying cannot help);
+ * - reports a gap (onGap) when the server says so (resumed && !recovered) and when
+ *   the `subscribed` cannot continue its cursor (another epoch, or a start past it);
+ * - reconnects with exponential backoff and full jitter on every close code but the
+ *   STOP_CODES (1000 sent by the server, 1008, 1009), on which it stops;
+ * - puts a `ref` on every frame and matches replies and errors by it;
+ * - paces its own frames (a token bucket below the server's frame rate);
  * - treats a socket silent for twice the server's heartbeat interval as dead.
+ *
+ * The rules are the Python client's too: both run the scenarios of tests/scenarios/.
  *
  * A refused handshake (HTTP 403) cannot be told apart from a network failure in
  * a browser: both are a close with 1006 before `open`. The client keeps retrying
@@ -33,7 +38,7 @@ export const PROTOCOL = "replay.v1";
 export const VERSION = "0.1.0";
 
 /** Close codes after which the client stops instead of reconnecting. */
-export const STOP_CODES = Object.freeze([1000, 1002, 1003, 1007, 1008, 1009]);
+export const STOP_CODES = Object.freeze([1000, 1008, 1009]);
 
 /** Error codes of a refused `subscribe` that are worth retrying (with backoff) on the same socket. */
 const RETRY_SUBSCRIBE = new Set(["unavailable", "internal", "rate_limited"]);
@@ -42,7 +47,7 @@ const TOPIC_RE = /^[A-Za-z0-9_\-.:@/]{1,256}$/;
 const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
 
 /**
- * @typedef {{ epoch: string, offset: number }} Cursor
+ * @typedef {{ epoch: string, offset: number, time?: number }} Cursor  `time`: of the event at `offset`, when known
  * @typedef {"connecting" | "open" | "reconnecting" | "closed"} ConnectionState
  * @typedef {{ getItem(key: string): string | null, setItem(key: string, value: string): void,
  *   removeItem(key: string): void }} CursorStorage
@@ -92,6 +97,8 @@ const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
  * @property {number} [connectTimeout]     ms before a handshake that has not opened is abandoned (10000)
  * @property {number} [maxHandshakeFailures]  consecutive failed handshakes before giving up (Infinity)
  * @property {boolean | { interval?: number }} [ack]  send batched `ack` frames (default off; interval 1000 ms)
+ * @property {number} [maxFrameRate]  the client's own frames per second, paced (default 50: under the server's 100)
+ * @property {number} [frameBurst]    frames the pacer lets through at once (default 100: under the server's 200)
  * @property {boolean} [autoConnect]  connect on the first subscribe() (default true)
  * @property {boolean} [reconnectOnOnline]  retry at once on the window's `online` event (default true)
  * @property {any} [WebSocket]  the WebSocket constructor (tests pass a fake)
@@ -110,8 +117,14 @@ function isCursor(value) {
     typeof c.offset === "number" &&
     Number.isSafeInteger(c.offset) &&
     c.offset >= 0 &&
-    c.offset <= MAX_OFFSET
+    c.offset <= MAX_OFFSET &&
+    (c.time === undefined || (typeof c.time === "number" && Number.isSafeInteger(c.time)))
   );
+}
+
+/** A copy of a valid cursor, with its `time` only when it has one. @param {Cursor} c @returns {Cursor} */
+function copyCursor(c) {
+  return c.time === undefined ? { epoch: c.epoch, offset: c.offset } : { epoch: c.epoch, offset: c.offset, time: c.time };
 }
 
 /** @returns {CursorStorage | null} */
@@ -162,7 +175,7 @@ export class Subscription {
 
   /** The last event's position (or where the subscription started), or null before the first `subscribed`. */
   get cursor() {
-    return this._cursor ? { ...this._cursor } : null;
+    return this._cursor ? copyCursor(this._cursor) : null;
   }
 
   /**
@@ -220,6 +233,13 @@ export class ReplayClient {
     this._clearTimeout = timers.clearTimeout.bind(timers);
     this._random = options.random ?? Math.random;
     this._now = options.now ?? Date.now;
+    this._frameRate = options.maxFrameRate ?? 50;
+    this._frameBurst = options.frameBurst ?? 100;
+    if (!(this._frameRate > 0 && this._frameBurst >= 1)) throw new RangeError("maxFrameRate must be > 0, frameBurst >= 1");
+    /** @type {Record<string, unknown>[]} frames waiting for the pacer */
+    this._outbox = [];
+    this._tokens = this._frameBurst;
+    this._tokensAt = 0;
 
     /** @type {Map<string, Subscription>} */
     this._subs = new Map();
@@ -241,6 +261,7 @@ export class ReplayClient {
     /** @type {any} */ this._watchdog = null;
     /** @type {any} */ this._connectTimer = null;
     /** @type {any} */ this._ackTimer = null;
+    /** @type {any} */ this._paceTimer = null;
     this._onOnline = () => {
       if (this._state === "reconnecting" && this._retryTimer !== null) this.connect();
     };
@@ -301,6 +322,7 @@ export class ReplayClient {
   close(code = 1000, reason = "") {
     this._started = true;
     this._flushAcks();
+    this._drain(true); // the last acks go out before the close, paced or not
     globalThis.removeEventListener?.("online", this._onOnline);
     const ws = this._ws;
     this._teardown();
@@ -336,7 +358,7 @@ export class ReplayClient {
     if (options.cursor != null && !isCursor(options.cursor)) {
       throw new TypeError("cursor must be { epoch: non-empty string, offset: integer >= 0 }");
     }
-    const cursor = options.cursor ?? this._load(topic);
+    const cursor = options.cursor ? copyCursor(options.cursor) : this._load(topic);
     const sub = new Subscription(this, topic, options, cursor);
     this._subs.set(topic, sub);
     if (options.cursor) this._save(sub);
@@ -357,7 +379,7 @@ export class ReplayClient {
     this._clearSubTimer(sub);
     sub._state = "closed";
     if (sub._pendingRef !== null || sub._live) {
-      this._send({ type: "unsubscribe", topic: sub.topic });
+      this._send({ type: "unsubscribe", topic: sub.topic, ref: `u${++this._refSeq}` });
     }
     sub._pendingRef = null;
     sub._live = false;
@@ -424,6 +446,8 @@ export class ReplayClient {
     }
     this._wsOpened = true;
     this._openedAt = this._now();
+    this._tokens = this._frameBurst;
+    this._tokensAt = this._openedAt;
     this._failures = 0;
     this.stats.connects += 1;
     this._armWatchdog();
@@ -477,6 +501,13 @@ export class ReplayClient {
     this._clear("_watchdog");
     this._clear("_retryTimer");
     this._clear("_ackTimer");
+    this._clear("_paceTimer");
+    for (const frame of this._outbox) {
+      // An ack that never left: send it on the next connection.
+      const sub = frame.type === "ack" ? this._subs.get(/** @type {string} */ (frame.topic)) : undefined;
+      if (sub) sub._ackDirty = true;
+    }
+    this._outbox = [];
     for (const sub of this._subs.values()) {
       sub._pendingRef = null;
       sub._live = false;
@@ -484,11 +515,19 @@ export class ReplayClient {
     }
   }
 
+  /**
+   * The one backoff, for reconnects and refused subscribes: a random wait in
+   * [0, min(max, initial * factor ** attempt)] ms (full jitter), as the Python client's Backoff.
+   * @internal @param {number} attempt retries in a row before this one @returns {number}
+   */
+  _delay(attempt) {
+    const { initial, max, factor } = this._backoff;
+    return Math.floor(this._random() * Math.min(max, initial * factor ** attempt));
+  }
+
   /** @internal @param {number} code @param {string} reason */
   _scheduleReconnect(code, reason) {
-    const { initial, max, factor } = this._backoff;
-    const cap = Math.min(max, initial * factor ** this._attempt);
-    const delay = Math.floor(this._random() * cap);
+    const delay = this._delay(this._attempt);
     this._attempt += 1;
     const detail = { code, reason, attempt: this._attempt, delay, failures: this._failures };
     if (this._state !== "reconnecting") this._setState("reconnecting", detail);
@@ -543,15 +582,46 @@ export class ReplayClient {
     this._watchdog = this._setTimeout(check, limit);
   }
 
-  /** @internal @param {Record<string, unknown>} frame @returns {boolean} */
+  /**
+   * Queue a frame for the open socket; the pacer sends it (now, if the bucket has a token).
+   * @internal @param {Record<string, unknown>} frame @returns {boolean} false when no socket is open
+   */
   _send(frame) {
     const ws = this._ws;
     if (!ws || !this._wsOpened || ws.readyState !== 1) return false;
-    try {
-      ws.send(JSON.stringify(frame));
-      return true;
-    } catch {
-      return false; // the close event will follow
+    this._outbox.push(frame);
+    if (this._paceTimer === null) this._drain(false);
+    return true;
+  }
+
+  /**
+   * Send queued frames while the token bucket allows (all of them with `force`), then wait for
+   * the next token: the server drops frames past its rate, then closes with 1008.
+   * @internal @param {boolean} force
+   */
+  _drain(force) {
+    const ws = this._ws;
+    if (!ws || !this._wsOpened || ws.readyState !== 1) return;
+    this._clear("_paceTimer");
+    while (this._outbox.length > 0) {
+      const now = this._now();
+      this._tokens = Math.min(this._frameBurst, this._tokens + ((now - this._tokensAt) * this._frameRate) / 1000);
+      this._tokensAt = now;
+      if (this._tokens < 1 && !force) {
+        const wait = Math.ceil(((1 - this._tokens) * 1000) / this._frameRate);
+        this._paceTimer = this._setTimeout(() => {
+          this._paceTimer = null;
+          this._drain(false);
+        }, wait);
+        return;
+      }
+      this._tokens -= 1;
+      const frame = /** @type {Record<string, unknown>} */ (this._outbox.shift());
+      try {
+        ws.send(JSON.stringify(frame));
+      } catch {
+        return; // the close event will follow
+      }
     }
   }
 
@@ -564,6 +634,9 @@ export class ReplayClient {
     if (sub._cursor) {
       frame.epoch = sub._cursor.epoch;
       frame.offset = sub._cursor.offset;
+      // protocol.md, "Reused offsets": the time of the event at that offset lets the server tell
+      // an offset reused for another event (after a failover that lost events) from ours.
+      if (sub._cursor.time !== undefined) frame.time = sub._cursor.time;
     } else if (sub._options.rewind) {
       frame.rewind = sub._options.rewind;
     }
@@ -622,12 +695,19 @@ export class ReplayClient {
       return;
     }
     const previous = sub._cursor;
+    const start = frame.offset - frame.replayed;
+    // The server's flags say when it lost events; the offsets say it too: events after
+    // `start` in `epoch` cannot continue a cursor of another epoch or one before `start`.
+    const gap =
+      (frame.resumed === true && frame.recovered !== true) ||
+      (previous !== null && (previous.epoch !== frame.epoch || start > previous.offset));
     sub._pendingRef = null;
     sub._live = true;
     sub._state = "active";
     sub._retries = 0;
     sub._replayLeft = frame.replayed;
-    sub._cursor = { epoch: frame.epoch, offset: frame.offset - frame.replayed };
+    // A replay from before the cursor brings events the app has had: the cursor stays, they are dropped.
+    if (gap || previous === null) sub._cursor = { epoch: frame.epoch, offset: start };
     this._save(sub);
     /** @type {SubscribedInfo} */
     const info = {
@@ -640,7 +720,7 @@ export class ReplayClient {
       previous,
     };
     if (sub._ackDirty) this._scheduleAck();
-    if (frame.resumed && !frame.recovered) this._call(sub, "onGap", info);
+    if (gap) this._call(sub, "onGap", info);
     this._call(sub, "onSubscribed", info);
   }
 
@@ -681,7 +761,9 @@ export class ReplayClient {
     this._call(sub, "onEvent", event);
     // The cursor moves once the app has had the event (even when its callback threw:
     // the exception went to the "error" listeners, and stopping here would stall the topic).
-    sub._cursor = { epoch: event.epoch, offset };
+    sub._cursor = Number.isSafeInteger(event.time)
+      ? { epoch: event.epoch, offset, time: event.time }
+      : { epoch: event.epoch, offset };
     this._save(sub);
     if (this._ackInterval > 0 && this._subs.get(sub.topic) === sub) {
       sub._ackDirty = true;
@@ -696,11 +778,15 @@ export class ReplayClient {
     if (frame.topic !== undefined) error.topic = frame.topic;
     if (frame.ref !== undefined) error.ref = frame.ref;
     const sub = typeof frame.topic === "string" ? this._subs.get(frame.topic) : undefined;
+    if (sub && typeof frame.ref === "string" && frame.ref.startsWith("a")) {
+      // An ack that was not stored (rate limited, ...): ack again at the next flush.
+      sub._ackDirty = true;
+      this._scheduleAck();
+    }
     if (sub && frame.ref !== undefined && frame.ref === sub._pendingRef) {
       sub._pendingRef = null;
       if (RETRY_SUBSCRIBE.has(frame.code)) {
-        const { initial, max, factor } = this._backoff;
-        const delay = Math.floor(this._random() * Math.min(max, initial * factor ** sub._retries));
+        const delay = this._delay(sub._retries);
         sub._retries += 1;
         sub._retryTimer = this._setTimeout(() => {
           sub._retryTimer = null;
@@ -729,7 +815,8 @@ export class ReplayClient {
   _flushAcks() {
     for (const sub of this._subs.values()) {
       if (sub._ackDirty && sub._live && sub._cursor) {
-        if (this._send({ type: "ack", topic: sub.topic, epoch: sub._cursor.epoch, offset: sub._cursor.offset })) {
+        const { epoch, offset } = sub._cursor;
+        if (this._send({ type: "ack", topic: sub.topic, epoch, offset, ref: `a${++this._refSeq}` })) {
           sub._ackDirty = false;
         }
       }
@@ -745,7 +832,7 @@ export class ReplayClient {
       const raw = this._storage.getItem(this._storageKey + topic);
       if (raw === null) return null;
       const cursor = JSON.parse(raw);
-      if (isCursor(cursor)) return { epoch: cursor.epoch, offset: cursor.offset };
+      if (isCursor(cursor)) return copyCursor(cursor);
       this._storage.removeItem(this._storageKey + topic);
     } catch (error) {
       this._storageError(error);
@@ -772,7 +859,7 @@ export class ReplayClient {
 
   // --- plumbing --------------------------------------------------------------------
 
-  /** @internal @param {"_retryTimer" | "_watchdog" | "_connectTimer" | "_ackTimer"} name */
+  /** @internal @param {"_retryTimer" | "_watchdog" | "_connectTimer" | "_ackTimer" | "_paceTimer"} name */
   _clear(name) {
     if (this[name] !== null) {
       this._clearTimeout(this[name]);

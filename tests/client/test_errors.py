@@ -166,25 +166,28 @@ async def test_unavailable_subscribe_is_retried_with_backoff() -> None:
     assert len(fake.peers) == 1
 
 
-async def test_a_server_that_echoes_no_ref_is_still_understood() -> None:
-    """Refs are the protocol's way to match answers; a server that drops them still gets through."""
+async def test_replies_without_the_ref_of_our_frame_answer_nothing() -> None:
+    """protocol.md: the server echoes a frame's ref "on the reply or error for that frame". Every frame
+    the client sends has a ref, so a reply or refusal without one answers none of them: a ref-less
+    ``subscribed`` is not taken as the subscription's position, and a ref-less ``rate_limited``
+    makes the client send nothing again (it used to resubscribe and re-ack everything)."""
 
     async def script(peer: Peer) -> None:
         await peer.accept()
-        while True:
-            request = await peer.recv()
-            if request["topic"] == "secret":
-                await peer.send(type="error", code="forbidden", message="no", topic="secret")
-            else:
-                frame = {"topic": request["topic"], "epoch": "e1", "offset": 0, "replayed": 0}
-                await peer.send(type="subscribed", resumed=False, recovered=False, **frame)
-                await peer.event(request["topic"], 1)
+        request = await peer.recv()
+        stale = {"topic": "t", "epoch": "other", "offset": 9, "replayed": 0}
+        await peer.send(type="subscribed", resumed=True, recovered=False, **stale)
+        await peer.send(type="error", code="rate_limited", message="dropped")
+        await peer.subscribed(request, "e1", 0)
+        await peer.event("t", 1)
+        await peer.until_closed()
 
+    errors: list[ServerError] = []
     fake = FakeServer(script)
-    async with serve(fake.app) as port, ReplayClient(url(port), backoff=FAST) as client:
+    async with serve(fake.app) as port, ReplayClient(url(port), on_error=errors.append, backoff=FAST) as client:
         with anyio.fail_after(TIMEOUT):
             await client.subscribe("t")
-            with pytest.raises(ForbiddenError):
-                await client.subscribe("secret")
             (item,) = await take(client, 1)
-    assert isinstance(item, Event) and (item.topic, item.offset) == ("t", 1)
+    assert isinstance(item, Event) and (item.topic, item.epoch, item.offset) == ("t", "e1", 1)
+    assert [(type(e), e.ref) for e in errors] == [(RateLimitedError, None)]
+    assert [f["type"] for f in fake.peers[0].received] == ["subscribe"]

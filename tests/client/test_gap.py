@@ -29,7 +29,15 @@ async def test_gap_resubscribes_from_last_good_offset() -> None:
         await peer.event("t", 2, "b")
         await peer.event("t", 4, "d")  # 3 is missing
         repair = await peer.recv()
-        assert repair == {"type": "subscribe", "topic": "t", "epoch": "e1", "offset": 2, "ref": repair["ref"]}
+        # With the time of the event at offset 2 (protocol.md, "Reused offsets").
+        assert repair == {
+            "type": "subscribe",
+            "topic": "t",
+            "epoch": "e1",
+            "offset": 2,
+            "time": 1002,
+            "ref": repair["ref"],
+        }
         assert repair["ref"] != first["ref"]
         # Frames of the replaced subscription still in flight are ignored until the new `subscribed`.
         await peer.event("t", 5, "stale")
@@ -63,7 +71,7 @@ async def test_reconnect_resumes_with_cursor_and_drops_replayed_duplicates() -> 
     async def second(peer: Peer) -> None:
         await peer.accept()
         request = await peer.recv()
-        assert (request["epoch"], request["offset"]) == ("e1", 2)
+        assert (request["epoch"], request["offset"], request["time"]) == ("e1", 2, 1002)
         # A server that resumes from further back than asked: the client drops what it has.
         await peer.subscribed(request, "e1", 3, resumed=True, recovered=True, replayed=3)
         for offset in (1, 2, 3):
@@ -85,6 +93,7 @@ async def test_cursor_ahead_of_head_is_a_reset() -> None:
         await peer.accept()
         request = await peer.recv()
         assert (request["epoch"], request["offset"]) == ("e1", 10)
+        assert "time" not in request  # the app's cursor names no event this client received
         await peer.subscribed(request, "e1", 2, resumed=True, recovered=False, replayed=2)
         await peer.event("t", 1)
         await peer.event("t", 2)

@@ -3,6 +3,8 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { answerSubscribe, collect, event, setup } from "./harness.mjs";
 
+const withoutRefs = (frames) => frames.map(({ ref, ...frame }) => frame);
+
 test("offers replay.v1 first, then the app's subprotocols", () => {
   const t = setup({ client: { protocols: ["token.abc"] } });
   collect(t.client, "user:1");
@@ -41,7 +43,7 @@ test("subscribes on open and delivers events in order, each once", () => {
     time: 1700000000004,
     live: true,
   });
-  assert.deepEqual(t.client.subscription("user:1").cursor, { epoch: "e1", offset: 4 });
+  assert.deepEqual(t.client.subscription("user:1").cursor, { epoch: "e1", offset: 4, time: 1700000000004 });
 });
 
 test("replayed events are flagged live:false, the ones after them live:true", () => {
@@ -193,7 +195,9 @@ test("unsubscribe sends an unsubscribe and drops later frames of the topic", () 
   answerSubscribe(t.ws(), "t");
   t.ws().receive(event("t", 1));
   sub.unsubscribe();
-  assert.deepEqual(t.ws().lastSent(), { type: "unsubscribe", topic: "t" });
+  const { ref, ...unsubscribe } = t.ws().lastSent();
+  assert.deepEqual(unsubscribe, { type: "unsubscribe", topic: "t" });
+  assert.match(ref, /^u\d+$/, "every frame carries a ref");
   t.ws().receive(event("t", 2));
   assert.deepEqual(offsets(), [1]);
   assert.equal(sub.state, "closed");
@@ -215,7 +219,8 @@ test("acks are batched: one ack per topic per interval, with the latest offset",
   ws.receive(event("b", 1));
   assert.equal(ws.sentOf("ack").length, 0);
   t.timers.advance(1000);
-  assert.deepEqual(ws.sentOf("ack"), [
+  assert.ok(ws.sentOf("ack").every((f) => /^a\d+$/.test(f.ref)), "every ack carries a ref");
+  assert.deepEqual(withoutRefs(ws.sentOf("ack")), [
     { type: "ack", topic: "a", epoch: "e1", offset: 3 },
     { type: "ack", topic: "b", epoch: "e1", offset: 1 },
   ]);
@@ -223,7 +228,7 @@ test("acks are batched: one ack per topic per interval, with the latest offset",
   assert.equal(ws.sentOf("ack").length, 2, "nothing new, no ack");
   ws.receive(event("a", 4));
   t.client.close();
-  assert.deepEqual(ws.sentOf("ack")[2], { type: "ack", topic: "a", epoch: "e1", offset: 4 }, "close flushes");
+  assert.deepEqual(withoutRefs(ws.sentOf("ack"))[2], { type: "ack", topic: "a", epoch: "e1", offset: 4 }, "close flushes");
 });
 
 test("acks are off by default", () => {
@@ -247,4 +252,35 @@ test("resolveUrl maps http(s) and relative URLs to ws(s), against the page", asy
   } finally {
     delete globalThis.location;
   }
+});
+
+test("an ack refused by its ref (rate_limited) is sent again at the next flush", () => {
+  const t = setup({ client: { ack: { interval: 1000 } } });
+  collect(t.client, "a");
+  const ws = t.ws();
+  ws.accept();
+  answerSubscribe(ws, "a");
+  ws.receive(event("a", 1));
+  t.timers.advance(1000);
+  const [ack] = ws.sentOf("ack");
+  ws.receive({ type: "error", code: "rate_limited", message: "dropped", topic: "a", ref: ack.ref });
+  t.timers.advance(1000);
+  assert.deepEqual(withoutRefs(ws.sentOf("ack")), [
+    { type: "ack", topic: "a", epoch: "e1", offset: 1 },
+    { type: "ack", topic: "a", epoch: "e1", offset: 1 },
+  ]);
+  assert.notEqual(ws.sentOf("ack")[1].ref, ack.ref);
+});
+
+test("frames past the pacer's burst wait for tokens; close() sends what is queued first", () => {
+  const t = setup({ client: { maxFrameRate: 10, frameBurst: 2 } });
+  for (const topic of ["a", "b", "c", "d"]) collect(t.client, topic);
+  const ws = t.ws();
+  ws.accept();
+  assert.deepEqual(ws.sentOf("subscribe").map((f) => f.topic), ["a", "b"]);
+  t.timers.advance(100);
+  assert.deepEqual(ws.sentOf("subscribe").map((f) => f.topic), ["a", "b", "c"]);
+  t.client.close();
+  assert.deepEqual(ws.sentOf("subscribe").map((f) => f.topic), ["a", "b", "c", "d"]);
+  assert.deepEqual(t.timers.delays(), [], "no timer left behind");
 });

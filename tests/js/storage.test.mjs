@@ -11,13 +11,14 @@ test("a reload (a new client on the same storage) resumes from the stored cursor
   answerSubscribe(first.ws(), "user:1", { head: 4 });
   first.ws().receive(event("user:1", 5));
   first.ws().receive(event("user:1", 6));
-  assert.equal(storage.getItem("replay:user:1"), JSON.stringify({ epoch: "e1", offset: 6 }));
+  const stored = { epoch: "e1", offset: 6, time: 1700000000006 };
+  assert.equal(storage.getItem("replay:user:1"), JSON.stringify(stored), "the event's time is kept with the cursor");
 
   const second = setup({ storage });
   const { seen, offsets } = collect(second.client, "user:1");
   second.ws().accept();
   const sent = answerSubscribe(second.ws(), "user:1", { head: 7, replayed: 1 });
-  assert.deepEqual([sent.epoch, sent.offset], ["e1", 6]);
+  assert.deepEqual([sent.epoch, sent.offset, sent.time], ["e1", 6, 1700000000006], "a reload resumes with the time");
   second.ws().receive(event("user:1", 7));
   assert.deepEqual(offsets(), [7]);
   assert.equal(seen.gaps.length, 0);
@@ -100,5 +101,17 @@ test("a new epoch replaces the stored cursor", () => {
   answerSubscribe(t.ws(), "t", { epoch: "new", head: 1, replayed: 1 });
   t.ws().receive(event("t", 1));
   assert.equal(seen.gaps.length, 1);
-  assert.deepEqual(JSON.parse(storage.getItem("replay:t")), { epoch: "new", offset: 1 });
+  assert.deepEqual(JSON.parse(storage.getItem("replay:t")), { epoch: "new", offset: 1, time: 1700000000001 });
+});
+
+test("a stored cursor with a malformed time is dropped; an app's cursor with a time is resumed with it", () => {
+  const storage = new MemoryStorage({ "replay:t": JSON.stringify({ epoch: "e1", offset: 3, time: "x" }) });
+  const t = setup({ storage });
+  collect(t.client, "t");
+  collect(t.client, "u", { cursor: { epoch: "e1", offset: 2, time: 1700000000002 } });
+  t.ws().accept();
+  const [first, second] = t.ws().sentOf("subscribe");
+  assert.equal(first.epoch, undefined, "the malformed cursor was not used");
+  assert.deepEqual([second.epoch, second.offset, second.time], ["e1", 2, 1700000000002]);
+  assert.throws(() => t.client.subscribe("v", { cursor: { epoch: "e1", offset: 1, time: 1.5 } }), TypeError);
 });
