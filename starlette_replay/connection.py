@@ -4,16 +4,22 @@ The *reader* (the endpoint's task) handles the client's frames one at a time,
 in order (an ``ack`` is stored before the next frame is read). Frames to the
 client go out in one order, one send at a time:
 
-- Inline (asyncio): a frame pushed while nothing is queued is sent by the
-  pushing task itself (the hub's caller, the reader, the heartbeat timer), up
-  to ``_INLINE_PER_TURN`` frames per connection per event-loop turn. When events
-  come one at a time, waking a task per connection per event costs about as much
-  as the send, which is all a bare broadcast loop pays.
-- Otherwise the frame is queued for the *writer*, a task of the connection's
-  task group started for it, which sends the queue and then parks until woken
-  for more. A burst (the frames pushed past that bound in the same turn)
-  goes out in one go. A send that has to wait (the socket's buffer is full) is
-  handed to the writer, which finishes it first.
+- Inline (asyncio on Python 3.12+): a frame pushed while nothing is queued
+  is sent at once, up to ``_INLINE_PER_TURN`` frames per connection per
+  event-loop turn, in an *eager task* of the connection
+  (``asyncio.Task(..., eager_start=True)`` in the connection's context): the
+  send runs to completion inside the push when the socket takes the frame, and
+  otherwise goes on later in that task, never in the pushing task (the hub's
+  caller, the reader, the heartbeat timer). Middleware around ``send`` that
+  binds to the current task (``asyncio.timeout``, a ContextVar set and reset,
+  a tracing span) binds to the send's own task. When events come one at a
+  time, waking a task per connection per event costs about as much as the
+  send, which is all a bare broadcast loop pays.
+- Otherwise (a burst past that bound, something queued, Python 3.11, trio)
+  the frame is queued for the *writer*, a task of the connection's task group
+  started for it, which sends the queue and then parks until woken for more.
+  A send that has to wait (the socket's buffer is full) is left to its task;
+  the writer waits for it to finish before it sends anything else.
 
 The Replay's one heartbeat timer queues a ``ping`` on a connection that has
 been idle for ``heartbeat_interval`` and retires its parked writer, so an idle
@@ -31,10 +37,10 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import sys
 import time
-import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -81,50 +87,25 @@ _REPLY_BACKLOG = 32
 _INLINE_PER_TURN = 8
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop when anyio runs on asyncio, else None (trio, or an anyio too old to tell)."""
+# Eager tasks (run the first step at once, in the task's own identity and context)
+# came with Python 3.12. Without them a frame is never sent from another task:
+# every frame goes through the writer.
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+
+def _eager_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when sends can start as eager tasks, else None.
+
+    None on Python 3.11 and under trio (or an anyio too old to tell): then
+    every frame is queued for the connection's writer.
+    """
+    if not _EAGER_TASKS:
+        return None
     try:
         loop = anyio.lowlevel.current_token().native_token
     except Exception:
         return None
     return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
-
-
-# A send being stepped by hand: a coroutine, or the iterator of another awaitable's __await__.
-_Steppable = Coroutine[Any, Any, Any] | Generator[Any, Any, Any]
-
-
-@types.coroutine
-def _finish(coro: _Steppable, yielded: Any) -> Any:
-    """Drive ``coro`` on in the awaiting task, after a step outside it suspended on ``yielded``.
-
-    The first wait may be over by now: a bare yield (``sleep(0)``) asked for one
-    loop turn, which has passed; a future may be done. Then ``coro`` goes on at
-    once, as the task that yielded would have been resumed meanwhile.
-    """
-    if yielded is None or (isinstance(yielded, asyncio.Future) and yielded.done()):
-        if yielded is not None:
-            yielded._asyncio_future_blocking = False  # as a task does when it takes a future
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            return stop.value
-    while True:
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # CancelledError, thrown in by the task: coro's to handle
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
 
 
 def _asgi_send(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[None]]:
@@ -241,13 +222,13 @@ class Connection:
         self._tokens_at = time.monotonic()
         self._bad_frames: deque[float] | None = None  # made on the first bad frame
         # The connection's context (its ASGI task's), where every send runs; the loop
-        # (asyncio only: inline sends); the loop turn of this connection's last inline
-        # send; an inline send that has to wait (its coroutine and what it waits on).
+        # (asyncio 3.12+ only: inline sends); the loop turn of this connection's last
+        # inline send; an inline send that has to wait (its task).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: contextvars.Context | None = None
         self._inline_turn = -1
         self._inline_count = 0
-        self._inflight: tuple[_Steppable, Any] | None = None
+        self._inflight: asyncio.Task[bool] | None = None
 
     def __repr__(self) -> str:
         return f"Connection({self.id}, identity={self.identity!r}, topics={len(self.subs)})"
@@ -285,12 +266,13 @@ class Connection:
         return self._queued
 
     def _send_inline(self, frame: str) -> bool:
-        """Send ``frame`` from the calling task; False when it must be queued instead.
+        """Start sending ``frame`` now, in an eager task of this connection; False when it must be queued instead.
 
         Called only when nothing is queued and the writer is parked or absent.
-        True means the frame is sent, or its send waits (for a full socket buffer)
-        and the writer finishes it before anything else, or the peer is gone
-        (the connection then stops).
+        True means the frame is sent, or its send waits (for a full socket
+        buffer) in its own task and the writer waits for it before anything
+        else, or the peer is gone (the connection then stops). Nothing of the
+        send runs as the calling task: the caller may be the publisher.
         """
         loop, context = self._loop, self._context
         if loop is None or context is None or self.close_code is not None or self._gone:
@@ -303,21 +285,20 @@ class Connection:
         self._inline_count += 1
         if not hub.turn_ending:
             hub.used_turn(loop)
-        try:
-            send = self._send_message(frame)
-            yielded = context.run(send.send, None)
-        except StopIteration:
+        if sys.version_info < (3, 12):  # pragma: no cover - _loop is None before 3.12
+            return False
+        task = asyncio.Task(self._send(frame), loop=loop, context=context, eager_start=True)
+        if not task.done():  # the send waits: in its task, and the writer waits for that
+            self._inflight = task
+            self._unfinished = True
+            self._kick()
+        elif task.cancelled():
+            self._lost(asyncio.CancelledError("the send was cancelled"))
+        elif task.result():
             self._sent += 1  # _count_sent(False), spelt out: this runs once per frame
             if self._progress is not None:
                 self._progress.set()
                 self._progress = None
-            return True
-        except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
-            self._lost(exc)
-            return True
-        self._inflight = (send, yielded)
-        self._unfinished = True
-        self._kick()
         return True
 
     def _kick(self) -> None:
@@ -375,7 +356,7 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or it is aborted. Never raises."""
-        self._loop = _asyncio_loop()
+        self._loop = _eager_loop()
         self._context = contextvars.copy_context()
         try:
             async with anyio.create_task_group() as tg:
@@ -390,62 +371,50 @@ class Connection:
             logger.exception("[%s] unexpected error", self.id)
             self.abort(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            inline = self._loop is not None
             self._tg = self._loop = None  # no more writers, no more inline sends
             with anyio.CancelScope(shield=True):
-                if self._inflight is not None:
-                    self._inflight[0].close()  # no writer finished this send
+                inflight, self._inflight = self._inflight, None
+                if inflight is not None and not inflight.done():
+                    inflight.cancel()  # a send that waited: no writer finishes it now
+                    with anyio.move_on_after(self.limits.close_timeout):
+                        await asyncio.wait((inflight,))
                 for sub in list(self.subs.values()):
                     await self.replay.hub.leave(sub)
                 self.subs.clear()
                 if self.close_code is not None and not self._gone:
-                    if inline:
-                        self._flush()
+                    await self._flush()
                     with anyio.move_on_after(self.limits.close_timeout):
                         try:
                             await self.websocket.close(self.close_code, self.close_reason)
                         except Exception:  # the peer went away meanwhile
                             pass
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         """Before the close frame: send what is queued, as far as the socket takes it at once.
 
         Frames queued just before an abort (the replies and ``rate_limited``
         errors to a flood of frames, say) then reach the client ahead of the
-        close. Never waits: the first send that would is dropped, with the rest.
-        Nothing goes out after a send that did not finish (no hole).
+        close. Runs in the connection's own task, in a cancelled scope: a send
+        that would wait is cancelled where it first suspends, and the rest is
+        dropped. Nothing goes out after a send that did not finish (no hole).
         """
-        queue, context = self._queue, self._context
-        while not self._unfinished and self._head < len(queue) and context is not None:
-            try:
-                send = self._send_message(queue[self._head][0])
-                context.run(send.send, None)
-            except StopIteration:
+        queue = self._queue
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            while not self._unfinished and self._head < len(queue):
+                self._unfinished = True
+                if not await self._send(queue[self._head][0]):
+                    return
+                self._unfinished = False
                 self._head += 1
-                continue
-            except Exception as exc:
-                self._lost(exc)
-                return
-            send.close()  # it would wait (a full socket buffer): the close goes out now
-            return
-
-    def _send_message(self, frame: str) -> _Steppable:
-        """The send of one text frame (see :func:`_asgi_send`), not started, to be stepped.
-
-        An ASGI send is only promised to return an awaitable: a coroutine (uvicorn's,
-        an ``async def`` middleware's) is stepped as it is, anything else through
-        the iterator its ``__await__`` returns. Callers make it inside the ``try``
-        that steps it: a send that is a plain function may raise as it is called,
-        and the caller may be another connection's task or the publisher's. (Such
-        a function's own code before it returns runs in the caller's context; the
-        steps run in the connection's.)
-        """
-        send = self._send_asgi({"type": "websocket.send", "text": frame})
-        if type(send) is types.CoroutineType:
-            return send
-        return send.__await__()
 
     async def _send(self, frame: str) -> bool:
+        """Send one text frame from the calling task (see :func:`_asgi_send`).
+
+        False when the send failed: the peer is gone and the connection stops.
+        The ASGI send is called inside the ``try``: a send that is a plain
+        function may raise as it is called.
+        """
         try:
             await self._send_asgi({"type": "websocket.send", "text": frame})
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
@@ -453,15 +422,19 @@ class Connection:
             return False
         return True
 
-    async def _finish_inline_send(self, send: _Steppable, waiting_on: Any) -> bool:
-        try:
-            await _finish(send, waiting_on)
-        except Exception as exc:
-            self._lost(exc)
+    async def _finish_inline_send(self, task: asyncio.Task[bool]) -> bool:
+        """Wait for a send that had to wait, in its own task; False when it failed.
+
+        Waits without cancelling the task when the writer is cancelled: ``run``
+        cancels and awaits it then.
+        """
+        if not task.done():
+            await asyncio.wait((task,))
+        self._inflight = None
+        if task.cancelled():
+            self._lost(asyncio.CancelledError("the send was cancelled"))
             return False
-        finally:
-            self._inflight = None
-        return True
+        return task.result()
 
     async def _stop(self, code: int, reason: str) -> NoReturn:
         """Abort with ``code`` and unwind the reader."""
@@ -494,7 +467,7 @@ class Connection:
         try:
             while True:
                 if self._inflight is not None:
-                    if not await self._finish_inline_send(*self._inflight):
+                    if not await self._finish_inline_send(self._inflight):
                         return
                     self._unfinished = False
                     self._count_sent(False)

@@ -1,8 +1,9 @@
 """The writer: started for frames that must wait, parked when done, retired when idle.
 
-On asyncio a frame pushed to an idle connection is sent inline; without inline
-sends (``_asyncio_loop`` returns None, as on trio) every frame is queued for
-the writer. The in-process transport suspends in every send, so here the
+On asyncio with Python 3.12+ a frame pushed to an idle connection is sent
+inline (in an eager task of its own); without inline sends (``_eager_loop``
+returns None, as on Python 3.11 and trio) every frame is queued for the
+writer. The in-process transport suspends in every send, so here the
 writer is started on both paths. Each event below is published only after the
 client received the previous one. Both paths must deliver every frame, in
 order, retire the writer after a heartbeat interval of idleness (an idle
@@ -13,6 +14,7 @@ close on demand.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import anyio
@@ -33,14 +35,17 @@ pytestmark = pytest.mark.anyio
 EVENTS = 20
 
 
-async def test_inline_sends_are_enabled_on_asyncio() -> None:
-    assert connection_module._asyncio_loop() is asyncio.get_running_loop()
+async def test_inline_sends_are_enabled_on_asyncio_with_eager_tasks() -> None:
+    expected = asyncio.get_running_loop() if sys.version_info >= (3, 12) else None
+    assert connection_module._eager_loop() is expected
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "writer-only"])
 async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if inline and sys.version_info < (3, 12):
+        pytest.skip("inline sends need eager tasks (Python 3.12+): this Python always sends through the writer")
     if not inline:
-        monkeypatch.setattr(connection_module, "_asyncio_loop", lambda: None)
+        monkeypatch.setattr(connection_module, "_eager_loop", lambda: None)
     replay = Replay(MemoryStore(), authorize=allow_all, heartbeat_interval=0.2)
     async with running(make_app(replay)) as app, connect(app) as client:
         with anyio.fail_after(10):
@@ -148,9 +153,9 @@ class _SendReturningAwaitables:
         await self.replay.endpoint(WebSocket(scope, receive, lambda message: _Awaitable(send(message))))
 
 
-async def test_an_asgi_send_that_returns_another_awaitable_is_stepped_through_it() -> None:
-    # Frames are sent inline by stepping the send by hand; an ASGI send is only
-    # promised to return an awaitable, so a non-coroutine one must work as well.
+async def test_an_asgi_send_that_returns_another_awaitable_is_awaited() -> None:
+    # An ASGI send is only promised to return an awaitable: a non-coroutine one
+    # must work inline and through the writer.
     replay = Replay(MemoryStore(), authorize=allow_all)
     app = Starlette(routes=[WebSocketRoute("/ws", _SendReturningAwaitables(replay))], lifespan=replay.lifespan)
     async with running(app) as client_app, connect(client_app) as client:
