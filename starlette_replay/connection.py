@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import inspect
 import logging
 import sys
@@ -42,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
@@ -50,7 +51,7 @@ from starlette.websockets import WebSocket
 
 from .errors import StoreUnavailable
 from .events import Event
-from .hub import Subscription
+from .hub import Hub, Subscription
 from .protocol import (
     Ack,
     CloseCode,
@@ -66,12 +67,12 @@ from .protocol import (
     encode_unsubscribed,
     parse_client_frame,
 )
-from .stores.base import Cursor
+from .stores.base import Cursor, EventStore
 
-if TYPE_CHECKING:
-    from .replay import Replay
+__all__ = ["Authorize", "Connection", "Limits", "WriterState"]
 
-__all__ = ["Connection", "Limits"]
+# The app's hook that allows (True) or refuses a subscribe: (websocket, topic) -> bool | Awaitable[bool].
+Authorize = Callable[[WebSocket, str], "bool | Awaitable[bool]"]
 
 logger = logging.getLogger("starlette_replay.connection")
 
@@ -125,6 +126,22 @@ def _asgi_send(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[Non
     return websocket.send
 
 
+class WriterState(enum.IntEnum):
+    """Where a connection's writer task is. Ordered: from ``SENDING`` on, the writer is busy.
+
+    ``ABSENT`` -> ``SENDING`` when a frame must wait (:meth:`Connection._kick` starts it);
+    ``SENDING`` -> ``PARKED`` when the queue is empty; ``PARKED`` -> ``SENDING`` when
+    woken for more; ``PARKED`` -> ``RETIRING`` when the heartbeat retires an idle
+    writer (it sends what is queued, the ping, then ends); ``SENDING`` or
+    ``RETIRING`` -> ``ABSENT`` when the writer task ends.
+    """
+
+    ABSENT = 0  # no writer task: the next frame that must wait starts one
+    PARKED = 1  # waiting on its wake-up for the next frame
+    SENDING = 2  # sending the queue, or waiting for an inline send that had to wait
+    RETIRING = 3  # sending what is queued, then ending
+
+
 def _not_subscribed(frame: Ack | Unsubscribe) -> FrameError:
     return FrameError(ErrorCode.NOT_SUBSCRIBED, "not subscribed to this topic", ref=frame.ref, topic=frame.topic)
 
@@ -150,11 +167,13 @@ class Connection:
 
     # Slots: an idle connection is mostly this object; a __dict__ would cost ~1 KB more.
     __slots__ = (
+        "_authorize",
         "_backlog_at",
         "_bad_frames",
         "_context",
         "_gone",
         "_head",
+        "_hub",
         "_idle_since",
         "_inflight",
         "_inline_count",
@@ -163,35 +182,49 @@ class Connection:
         "_progress",
         "_queue",
         "_queued",
-        "_retire",
         "_scope",
         "_send_asgi",
         "_sent",
         "_sent_at_beat",
+        "_store",
         "_tg",
         "_tokens",
         "_tokens_at",
         "_unfinished",
         "_wakeup",
-        "_writing",
+        "_writer_state",
         "close_code",
         "close_reason",
         "id",
         "identity",
         "limits",
         "live_queued",
-        "replay",
         "subs",
         "websocket",
     )
 
-    def __init__(self, replay: Replay, websocket: WebSocket, identity: str | None, conn_id: str) -> None:
-        self.replay = replay
+    def __init__(
+        self,
+        websocket: WebSocket,
+        identity: str | None,
+        conn_id: str,
+        *,
+        hub: Hub,
+        store: EventStore,
+        limits: Limits,
+        authorize: Authorize | None,
+    ) -> None:
+        """One accepted ``websocket`` of ``identity``, with what it works with: the
+        ``hub`` it joins topics on, the ``store`` it replays from and saves cursors
+        to, its ``limits`` and the app's ``authorize`` hook."""
         self.websocket = websocket
         self._send_asgi = _asgi_send(websocket)
         self.identity = identity
         self.id = conn_id
-        self.limits: Limits = replay.limits
+        self._hub = hub
+        self._store = store
+        self._authorize = authorize
+        self.limits = limits
         self._backlog_at = self.limits.send_queue_size // 2
         self.subs: dict[str, Subscription] = {}
         # The send queue: frames from _head on are unsent. A list, emptied whenever the
@@ -201,12 +234,10 @@ class Connection:
         self.live_queued = 0  # live frames queued or buffered in subscriptions
         self._queued = 0  # frames ever queued
         self._sent = 0  # frames ever sent
-        # The writer: a task of ``_tg`` (set while run() runs) while ``_writing``; parked
-        # on ``_wakeup`` (a bare future on asyncio: cheaper than an anyio.Event) when
-        # the queue is empty; told to end by ``_retire``.
-        self._writing = False
+        # The writer: a task of ``_tg`` (set while run() runs) unless ABSENT; parked on
+        # ``_wakeup`` (a bare future on asyncio: cheaper than an anyio.Event).
+        self._writer_state = WriterState.ABSENT
         self._wakeup: asyncio.Future[None] | anyio.Event | None = None
-        self._retire = False
         self._unfinished = False  # a send started and has not finished (see _flush)
         self._tg: anyio.abc.TaskGroup | None = None
         # For the heartbeat timer: when it last saw frames sent, and how many by then
@@ -245,14 +276,14 @@ class Connection:
         if n > 0 and self.live_queued > self._backlog_at:
             # A publisher that never waits (a loop over a MemoryStore) must let
             # the writers run before a prompt reader looks like a slow one.
-            self.replay.hub.backlogged = True
+            self._hub.backlogged = True
             if self.live_queued > self.limits.send_queue_size:
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
         """Send or queue a live frame: :meth:`_push` for the hub, spelt out (once per frame per connection)."""
         self._queued += 1
-        if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
+        if self._queue or self._writer_state >= WriterState.SENDING or not self._send_inline(frame):
             self._queue.append((frame, True))
             self.count_live(1)
             self._kick()
@@ -260,7 +291,7 @@ class Connection:
     def _push(self, frame: str) -> int:
         """Send or queue a reply, replayed event or ping; returns its number (see :meth:`_drained`)."""
         self._queued += 1
-        if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
+        if self._queue or self._writer_state >= WriterState.SENDING or not self._send_inline(frame):
             self._queue.append((frame, False))
             self._kick()
         return self._queued
@@ -277,7 +308,7 @@ class Connection:
         loop, context = self._loop, self._context
         if loop is None or context is None or self.close_code is not None or self._gone:
             return False
-        hub = self.replay.hub
+        hub = self._hub
         if self._inline_turn != hub.turn:
             self._inline_turn, self._inline_count = hub.turn, 0
         elif self._inline_count >= _INLINE_PER_TURN:
@@ -305,12 +336,19 @@ class Connection:
         """Have what waits sent: wake the parked writer, or start one."""
         if self._wakeup is not None:
             wakeup, self._wakeup = self._wakeup, None
+            if self._writer_state is WriterState.PARKED:
+                self._writer_state = WriterState.SENDING  # RETIRING stays: it sends, then ends
             if isinstance(wakeup, anyio.Event):
                 wakeup.set()
             elif not wakeup.done():  # a future the cancelled writer left behind is done
                 wakeup.set_result(None)
-        elif not self._writing and self._tg is not None and self.close_code is None and not self._gone:
-            self._writing = True
+        elif (
+            self._writer_state is WriterState.ABSENT
+            and self._tg is not None
+            and self.close_code is None
+            and not self._gone
+        ):
+            self._writer_state = WriterState.SENDING
             assert self._context is not None  # set with _tg
             self._context.run(self._tg.start_soon, self._writer)  # in the connection's context
 
@@ -379,7 +417,7 @@ class Connection:
                     with anyio.move_on_after(self.limits.close_timeout):
                         await asyncio.wait((inflight,))
                 for sub in list(self.subs.values()):
-                    await self.replay.hub.leave(sub)
+                    await self._hub.leave(sub)
                 self.subs.clear()
                 if self.close_code is not None and not self._gone:
                     await self._flush()
@@ -453,12 +491,11 @@ class Connection:
             self._sent_at_beat = self._sent
             self._idle_since = now
             return
-        if self._queue or (self._writing and self._wakeup is None) or now - self._idle_since < interval:
+        if self._queue or self._writer_state >= WriterState.SENDING or now - self._idle_since < interval:
             return
-        self._retire = self._writing  # it ends once the queue is empty (the ping too)
+        if self._writer_state is WriterState.PARKED:
+            self._writer_state = WriterState.RETIRING  # the ping is queued for it, then it ends
         self._push(encode_ping())
-        if self._wakeup is not None:
-            self._kick()
 
     async def _writer(self) -> None:
         """Send what is in flight and queued; park when done; end when retired."""
@@ -476,8 +513,9 @@ class Connection:
                 if head == len(queue):
                     queue.clear()
                     self._head = 0
-                    if self._retire:
+                    if self._writer_state is WriterState.RETIRING:
                         return
+                    self._writer_state = WriterState.PARKED
                     if loop is not None:
                         self._wakeup = future = loop.create_future()
                         await future
@@ -496,7 +534,7 @@ class Connection:
                 self._unfinished = False
                 self._count_sent(live)
         finally:
-            self._writing = self._retire = False
+            self._writer_state = WriterState.ABSENT
             self._wakeup = None
 
     async def _reader(self) -> None:
@@ -585,7 +623,7 @@ class Connection:
         sub = self.subs.pop(topic)
         self.count_live(-len(sub.pending))
         sub.pending.clear()
-        await self.replay.hub.leave(sub)
+        await self._hub.leave(sub)
 
     async def _ack(self, frame: Ack) -> None:
         sub = self.subs.get(frame.topic)
@@ -604,14 +642,14 @@ class Connection:
         if self.identity is None:
             return
         try:
-            await self.replay.store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset))
+            await self._store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset))
         except StoreUnavailable as exc:
             raise FrameError(
                 ErrorCode.UNAVAILABLE, f"cursor not stored: {exc}", ref=frame.ref, topic=frame.topic
             ) from None
 
     async def _authorized(self, topic: str, ref: Any) -> bool:
-        authorize = self.replay.authorize
+        authorize = self._authorize
         if authorize is None:
             raise FrameError(
                 ErrorCode.FORBIDDEN,
@@ -642,7 +680,7 @@ class Connection:
             )
         if not await self._authorized(topic, ref):
             raise FrameError(ErrorCode.FORBIDDEN, "not allowed to subscribe to this topic", ref=ref, topic=topic)
-        store = self.replay.store
+        store = self._store
         cursor: Cursor | None = None
         sub = Subscription(self, topic)
         self.subs[topic] = sub
@@ -651,7 +689,7 @@ class Connection:
                 cursor = Cursor(frame.epoch, frame.offset)
             elif self.identity is not None:
                 cursor = await store.load_cursor(self.identity, topic)
-            await self.replay.hub.join(sub)
+            await self._hub.join(sub)
             pos = await store.position(topic)
         except StoreUnavailable as exc:
             if self.subs.get(topic) is sub:
@@ -706,7 +744,7 @@ class Connection:
         of the last event queued, which is less than ``head`` when the store no
         longer has a contiguous history (trimmed or reset meanwhile).
         """
-        store = self.replay.store
+        store = self._store
         page_size = self.limits.replay_page_size
         previous_page_end = 0
         while after < head:

@@ -24,6 +24,7 @@ import pytest
 
 from starlette_replay import MemoryStore, Replay, allow_all
 from starlette_replay import connection as connection_module
+from starlette_replay.connection import WriterState
 
 from .helpers import TIMEOUT, FakeWebSocket, serve_fake
 
@@ -62,7 +63,7 @@ async def subscribed(replay: Replay, tg: Any, ws: FakeWebSocket, name: str = "c"
 async def wait_parked(replay: Replay) -> None:
     """Until no connection has a writer sending or anything queued."""
     with anyio.fail_after(TIMEOUT):
-        while any((conn._writing and conn._wakeup is None) or conn.queued for conn in replay._connections):
+        while any(conn._writer_state >= WriterState.SENDING or conn.queued for conn in replay._registry.connections):
             await anyio.lowlevel.checkpoint()
 
 
@@ -180,7 +181,7 @@ async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:
 
 async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None:
     async with one_subscriber() as (replay, ws):
-        [conn] = list(replay._connections)
+        [conn] = list(replay._registry.connections)
         for i in range(3):
             await replay.publish("t", "x", i)  # one inline, two queued for a writer that has not run
         conn.abort(1008, "test")
@@ -192,7 +193,7 @@ async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None
 
 async def test_nothing_goes_out_after_a_send_that_did_not_finish() -> None:
     async with one_subscriber() as (replay, ws):
-        [conn] = list(replay._connections)
+        [conn] = list(replay._registry.connections)
         ws.stalled = True
         for i in range(3):
             await replay.publish("t", "x", i)  # the first send waits; the others are queued behind it
@@ -212,7 +213,7 @@ async def test_a_frame_sent_between_heartbeat_ticks_puts_the_ping_off() -> None:
     # the connection busy from then, and only a full interval of ticks with nothing
     # sent brings a ping.
     async with one_subscriber() as (replay, ws):
-        [conn] = list(replay._connections)
+        [conn] = list(replay._registry.connections)
         interval, now = 10.0, conn._idle_since
         conn.heartbeat(now + interval + 1, interval)  # the subscribed reply went out since: busy
         await replay.publish("t", "x", 1)  # sent (inline on 3.12+), after that tick

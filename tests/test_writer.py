@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from starlette_replay import MemoryStore, Replay, allow_all
 from starlette_replay import connection as connection_module
+from starlette_replay.connection import WriterState
 from starlette_replay.protocol import CloseCode
 
 from .helpers import connect, make_app, running
@@ -50,7 +51,7 @@ async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypat
     async with running(make_app(replay)) as app, connect(app) as client:
         with anyio.fail_after(10):
             await client.subscribe("t")
-            [conn] = list(replay._connections)
+            [conn] = list(replay._registry.connections)
             assert (conn._loop is not None) is inline
             for round_ in range(2):
                 for i in range(EVENTS):
@@ -58,10 +59,10 @@ async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypat
                     [event] = await client.events(1)
                     assert event["offset"] == round_ * EVENTS + i + 1
                     assert event["data"] == {"i": i}
-                assert conn._writing  # parked, not ended, between events
+                assert conn._writer_state is WriterState.PARKED  # not ended, between events
                 # Idle for a heartbeat interval: a ping, and the writer ends.
                 assert await client.recv(within=2) == {"type": "ping"}
-                while conn._writing:  # noqa: ASYNC110
+                while conn._writer_state is not WriterState.ABSENT:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
                 assert conn._wakeup is None and conn.queued == 0
             # Abort while no writer runs: the reader stops, the close goes out.
@@ -87,7 +88,7 @@ async def test_long_replay_through_a_queue_that_never_empties() -> None:
             [live] = await client.events(1)
             assert live["offset"] == total + 1
             await client.nothing_pending()
-            [conn] = list(replay._connections)
+            [conn] = list(replay._registry.connections)
             assert conn.queued == 0
             assert len(conn._queue) <= 1  # emptied once the writer caught up (the pong may be in flight)
 
@@ -110,7 +111,7 @@ async def test_frames_after_accept_go_to_the_asgi_send_directly(monkeypatch: pyt
             for i in range(3):
                 await replay.publish("t", "tick", {"i": i})
             assert [e["data"]["i"] for e in await client.events(3)] == [0, 1, 2]
-            [conn] = list(replay._connections)
+            [conn] = list(replay._registry.connections)
             conn.abort(CloseCode.TRY_AGAIN_LATER, "test")
             assert await client.closed() == CloseCode.TRY_AGAIN_LATER
     assert through_websocket_send == ["websocket.accept", "websocket.close"]
