@@ -142,6 +142,16 @@ class WriterState(enum.IntEnum):
     RETIRING = 3  # sending what is queued, then ending
 
 
+# The members as module constants: an enum member looked up on its class costs a
+# descriptor call per use on Python 3.11, on a path that runs once per frame.
+_ABSENT, _PARKED, _SENDING, _RETIRING = (
+    WriterState.ABSENT,
+    WriterState.PARKED,
+    WriterState.SENDING,
+    WriterState.RETIRING,
+)
+
+
 def _not_subscribed(frame: Ack | Unsubscribe) -> FrameError:
     return FrameError(ErrorCode.NOT_SUBSCRIBED, "not subscribed to this topic", ref=frame.ref, topic=frame.topic)
 
@@ -236,7 +246,7 @@ class Connection:
         self._sent = 0  # frames ever sent
         # The writer: a task of ``_tg`` (set while run() runs) unless ABSENT; parked on
         # ``_wakeup`` (a bare future on asyncio: cheaper than an anyio.Event).
-        self._writer_state = WriterState.ABSENT
+        self._writer_state = _ABSENT
         self._wakeup: asyncio.Future[None] | anyio.Event | None = None
         self._unfinished = False  # a send started and has not finished (see _flush)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -283,7 +293,7 @@ class Connection:
     def push_live(self, frame: str) -> None:
         """Send or queue a live frame: :meth:`_push` for the hub, spelt out (once per frame per connection)."""
         self._queued += 1
-        if self._queue or self._writer_state >= WriterState.SENDING or not self._send_inline(frame):
+        if self._queue or self._writer_state >= _SENDING or not self._send_inline(frame):
             self._queue.append((frame, True))
             self.count_live(1)
             self._kick()
@@ -291,7 +301,7 @@ class Connection:
     def _push(self, frame: str) -> int:
         """Send or queue a reply, replayed event or ping; returns its number (see :meth:`_drained`)."""
         self._queued += 1
-        if self._queue or self._writer_state >= WriterState.SENDING or not self._send_inline(frame):
+        if self._queue or self._writer_state >= _SENDING or not self._send_inline(frame):
             self._queue.append((frame, False))
             self._kick()
         return self._queued
@@ -336,19 +346,14 @@ class Connection:
         """Have what waits sent: wake the parked writer, or start one."""
         if self._wakeup is not None:
             wakeup, self._wakeup = self._wakeup, None
-            if self._writer_state is WriterState.PARKED:
-                self._writer_state = WriterState.SENDING  # RETIRING stays: it sends, then ends
+            if self._writer_state is _PARKED:
+                self._writer_state = _SENDING  # RETIRING stays: it sends, then ends
             if isinstance(wakeup, anyio.Event):
                 wakeup.set()
             elif not wakeup.done():  # a future the cancelled writer left behind is done
                 wakeup.set_result(None)
-        elif (
-            self._writer_state is WriterState.ABSENT
-            and self._tg is not None
-            and self.close_code is None
-            and not self._gone
-        ):
-            self._writer_state = WriterState.SENDING
+        elif self._writer_state is _ABSENT and self._tg is not None and self.close_code is None and not self._gone:
+            self._writer_state = _SENDING
             assert self._context is not None  # set with _tg
             self._context.run(self._tg.start_soon, self._writer)  # in the connection's context
 
@@ -491,10 +496,10 @@ class Connection:
             self._sent_at_beat = self._sent
             self._idle_since = now
             return
-        if self._queue or self._writer_state >= WriterState.SENDING or now - self._idle_since < interval:
+        if self._queue or self._writer_state >= _SENDING or now - self._idle_since < interval:
             return
-        if self._writer_state is WriterState.PARKED:
-            self._writer_state = WriterState.RETIRING  # the ping is queued for it, then it ends
+        if self._writer_state is _PARKED:
+            self._writer_state = _RETIRING  # the ping is queued for it, then it ends
         self._push(encode_ping())
 
     async def _writer(self) -> None:
@@ -513,9 +518,9 @@ class Connection:
                 if head == len(queue):
                     queue.clear()
                     self._head = 0
-                    if self._writer_state is WriterState.RETIRING:
+                    if self._writer_state is _RETIRING:
                         return
-                    self._writer_state = WriterState.PARKED
+                    self._writer_state = _PARKED
                     if loop is not None:
                         self._wakeup = future = loop.create_future()
                         await future
@@ -534,7 +539,7 @@ class Connection:
                 self._unfinished = False
                 self._count_sent(live)
         finally:
-            self._writer_state = WriterState.ABSENT
+            self._writer_state = _ABSENT
             self._wakeup = None
 
     async def _reader(self) -> None:
