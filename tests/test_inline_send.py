@@ -31,7 +31,8 @@ from .helpers import TIMEOUT, FakeWebSocket, serve_fake
 pytestmark = pytest.mark.anyio
 
 needs_eager = pytest.mark.skipif(
-    sys.version_info < (3, 12), reason="inline sends need eager tasks (Python 3.12+); 3.11 sends through the writer"
+    sys.version_info < (3, 12),
+    reason="inline sends need eager tasks: run on Python 3.12+ (make test-core PYTHON=python3.12)",
 )
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")

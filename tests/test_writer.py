@@ -44,7 +44,7 @@ async def test_inline_sends_are_enabled_on_asyncio_with_eager_tasks() -> None:
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "writer-only"])
 async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if inline and sys.version_info < (3, 12):
-        pytest.skip("inline sends need eager tasks (Python 3.12+): this Python always sends through the writer")
+        pytest.skip("inline sends need eager tasks: run on Python 3.12+ (make test-core PYTHON=python3.12)")
     if not inline:
         monkeypatch.setattr(connection_module, "_eager_loop", lambda: None)
     replay = Replay(MemoryStore(), authorize=allow_all, heartbeat_interval=0.2)
