@@ -41,7 +41,18 @@ pytestmark = pytest.mark.anyio
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _MARKED_BLOCK = re.compile(r"<!-- readme-test: ([a-z0-9-]+) -->\n```python\n(.*?)\n```", re.DOTALL)
-TESTED = {"starlette", "own-lifespan", "fastapi", "python-client", "worker", "auth", "log-filter", "snapshot"}
+TESTED = {
+    "starlette",
+    "own-lifespan",
+    "fastapi",
+    "python-client",
+    "worker",
+    "auth",
+    "log-filter",
+    "snapshot",
+    "testing-starlette",
+    "testing-async",
+}
 TIMEOUT = 5.0
 
 
@@ -437,3 +448,12 @@ def test_log_filter_strips_query_strings() -> None:
         '127.0.0.1:51016 - "WebSocket /ws" 403',
         "Started server process [7]",
     ]
+
+
+def test_testing_your_app_with_starlettes_testclient() -> None:
+    # A plain function, as the README shows it: the TestClient runs the app in a thread of its own.
+    load("testing-starlette").test_news_arrives()
+
+
+async def test_testing_your_app_async() -> None:
+    await load("testing-async").test_news_arrives_async()
