@@ -136,7 +136,8 @@ class Endpoint:
         if not registry.accepting:
             logger.error(
                 "[%s] connection refused: the Replay is not running. Start it with the app's lifespan "
-                "(Starlette(..., lifespan=replay.lifespan)) or `async with replay:`",
+                "(Starlette(..., lifespan=replay.lifespan)) or `async with replay:`; under a server that sends "
+                "no lifespan events (daphne), from the first request (README: Servers without a lifespan)",
                 conn_id,
             )
             await _deny(websocket, 503, "not running")
