@@ -4,16 +4,22 @@ The *reader* (the endpoint's task) handles the client's frames one at a time,
 in order (an ``ack`` is stored before the next frame is read). Frames to the
 client go out in one order, one send at a time:
 
-- Inline (asyncio): a frame pushed while nothing is queued is sent by the
-  pushing task itself (the hub's caller, the reader, the heartbeat timer), up
-  to ``_INLINE_PER_TURN`` frames per connection per event-loop turn. When events
-  come one at a time, waking a task per connection per event costs about as much
-  as the send, which is all a bare broadcast loop pays.
-- Otherwise the frame is queued for the *writer*, a task of the connection's
-  task group started for it, which sends the queue and then parks until woken
-  for more. A burst (the frames pushed past that bound in the same turn)
-  goes out in one go. A send that has to wait (the socket's buffer is full) is
-  handed to the writer, which finishes it first.
+- Inline (asyncio on Python 3.12+): a frame pushed while nothing is queued
+  is sent at once, up to ``_INLINE_PER_TURN`` frames per connection per
+  event-loop turn, in an *eager task* of the connection
+  (``asyncio.Task(..., eager_start=True)`` in the connection's context): the
+  send runs to completion inside the push when the socket takes the frame, and
+  otherwise goes on later in that task, never in the pushing task (the hub's
+  caller, the reader, the heartbeat timer). Middleware around ``send`` that
+  binds to the current task (``asyncio.timeout``, a ContextVar set and reset,
+  a tracing span) binds to the send's own task. When events come one at a
+  time, waking a task per connection per event costs about as much as the
+  send, which is all a bare broadcast loop pays.
+- Otherwise (a burst past that bound, something queued, Python 3.11, trio)
+  the frame is queued for the *writer*, a task of the connection's task group
+  started for it, which sends the queue and then parks until woken for more.
+  A send that has to wait (the socket's buffer is full) is left to its task;
+  the writer waits for it to finish before it sends anything else.
 
 The Replay's one heartbeat timer queues a ``ping`` on a connection that has
 been idle for ``heartbeat_interval`` and retires its parked writer, so an idle
@@ -29,14 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import inspect
 import logging
+import sys
 import time
-import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
@@ -44,7 +51,7 @@ from starlette.websockets import WebSocket
 
 from .errors import StoreUnavailable
 from .events import Event
-from .hub import Subscription
+from .hub import Hub, Subscription
 from .protocol import (
     Ack,
     CloseCode,
@@ -60,12 +67,12 @@ from .protocol import (
     encode_unsubscribed,
     parse_client_frame,
 )
-from .stores.base import Cursor
+from .stores.base import Cursor, EventStore
 
-if TYPE_CHECKING:
-    from .replay import Replay
+__all__ = ["Authorize", "Connection", "Limits", "WriterState"]
 
-__all__ = ["Connection", "Limits"]
+# The app's hook that allows (True) or refuses a subscribe: (websocket, topic) -> bool | Awaitable[bool].
+Authorize = Callable[[WebSocket, str], "bool | Awaitable[bool]"]
 
 logger = logging.getLogger("starlette_replay.connection")
 
@@ -81,50 +88,25 @@ _REPLY_BACKLOG = 32
 _INLINE_PER_TURN = 8
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop when anyio runs on asyncio, else None (trio, or an anyio too old to tell)."""
+# Eager tasks (run the first step at once, in the task's own identity and context)
+# came with Python 3.12. Without them a frame is never sent from another task:
+# every frame goes through the writer.
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+
+def _eager_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when sends can start as eager tasks, else None.
+
+    None on Python 3.11 and under trio (or an anyio too old to tell): then
+    every frame is queued for the connection's writer.
+    """
+    if not _EAGER_TASKS:
+        return None
     try:
         loop = anyio.lowlevel.current_token().native_token
     except Exception:
         return None
     return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
-
-
-# A send being stepped by hand: a coroutine, or the iterator of another awaitable's __await__.
-_Steppable = Coroutine[Any, Any, Any] | Generator[Any, Any, Any]
-
-
-@types.coroutine
-def _finish(coro: _Steppable, yielded: Any) -> Any:
-    """Drive ``coro`` on in the awaiting task, after a step outside it suspended on ``yielded``.
-
-    The first wait may be over by now: a bare yield (``sleep(0)``) asked for one
-    loop turn, which has passed; a future may be done. Then ``coro`` goes on at
-    once, as the task that yielded would have been resumed meanwhile.
-    """
-    if yielded is None or (isinstance(yielded, asyncio.Future) and yielded.done()):
-        if yielded is not None:
-            yielded._asyncio_future_blocking = False  # as a task does when it takes a future
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            return stop.value
-    while True:
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # CancelledError, thrown in by the task: coro's to handle
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
 
 
 def _asgi_send(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[None]]:
@@ -142,6 +124,32 @@ def _asgi_send(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[Non
     if callable(send) and type(websocket).send is WebSocket.send:
         return send  # type: ignore[no-any-return]
     return websocket.send
+
+
+class WriterState(enum.IntEnum):
+    """Where a connection's writer task is. Ordered: from ``SENDING`` on, the writer is busy.
+
+    ``ABSENT`` -> ``SENDING`` when a frame must wait (:meth:`Connection._kick` starts it);
+    ``SENDING`` -> ``PARKED`` when the queue is empty; ``PARKED`` -> ``SENDING`` when
+    woken for more; ``PARKED`` -> ``RETIRING`` when the heartbeat retires an idle
+    writer (it sends what is queued, the ping, then ends); ``SENDING`` or
+    ``RETIRING`` -> ``ABSENT`` when the writer task ends.
+    """
+
+    ABSENT = 0  # no writer task: the next frame that must wait starts one
+    PARKED = 1  # waiting on its wake-up for the next frame
+    SENDING = 2  # sending the queue, or waiting for an inline send that had to wait
+    RETIRING = 3  # sending what is queued, then ending
+
+
+# The members as module constants: an enum member looked up on its class costs a
+# descriptor call per use on Python 3.11, on a path that runs once per frame.
+_ABSENT, _PARKED, _SENDING, _RETIRING = (
+    WriterState.ABSENT,
+    WriterState.PARKED,
+    WriterState.SENDING,
+    WriterState.RETIRING,
+)
 
 
 def _not_subscribed(frame: Ack | Unsubscribe) -> FrameError:
@@ -169,11 +177,13 @@ class Connection:
 
     # Slots: an idle connection is mostly this object; a __dict__ would cost ~1 KB more.
     __slots__ = (
+        "_authorize",
         "_backlog_at",
         "_bad_frames",
         "_context",
         "_gone",
         "_head",
+        "_hub",
         "_idle_since",
         "_inflight",
         "_inline_count",
@@ -182,35 +192,49 @@ class Connection:
         "_progress",
         "_queue",
         "_queued",
-        "_retire",
         "_scope",
         "_send_asgi",
         "_sent",
         "_sent_at_beat",
+        "_store",
         "_tg",
         "_tokens",
         "_tokens_at",
         "_unfinished",
         "_wakeup",
-        "_writing",
+        "_writer_state",
         "close_code",
         "close_reason",
         "id",
         "identity",
         "limits",
         "live_queued",
-        "replay",
         "subs",
         "websocket",
     )
 
-    def __init__(self, replay: Replay, websocket: WebSocket, identity: str | None, conn_id: str) -> None:
-        self.replay = replay
+    def __init__(
+        self,
+        websocket: WebSocket,
+        identity: str | None,
+        conn_id: str,
+        *,
+        hub: Hub,
+        store: EventStore,
+        limits: Limits,
+        authorize: Authorize | None,
+    ) -> None:
+        """One accepted ``websocket`` of ``identity``, with what it works with: the
+        ``hub`` it joins topics on, the ``store`` it replays from and saves cursors
+        to, its ``limits`` and the app's ``authorize`` hook."""
         self.websocket = websocket
         self._send_asgi = _asgi_send(websocket)
         self.identity = identity
         self.id = conn_id
-        self.limits: Limits = replay.limits
+        self._hub = hub
+        self._store = store
+        self._authorize = authorize
+        self.limits = limits
         self._backlog_at = self.limits.send_queue_size // 2
         self.subs: dict[str, Subscription] = {}
         # The send queue: frames from _head on are unsent. A list, emptied whenever the
@@ -220,12 +244,10 @@ class Connection:
         self.live_queued = 0  # live frames queued or buffered in subscriptions
         self._queued = 0  # frames ever queued
         self._sent = 0  # frames ever sent
-        # The writer: a task of ``_tg`` (set while run() runs) while ``_writing``; parked
-        # on ``_wakeup`` (a bare future on asyncio: cheaper than an anyio.Event) when
-        # the queue is empty; told to end by ``_retire``.
-        self._writing = False
+        # The writer: a task of ``_tg`` (set while run() runs) unless ABSENT; parked on
+        # ``_wakeup`` (a bare future on asyncio: cheaper than an anyio.Event).
+        self._writer_state = _ABSENT
         self._wakeup: asyncio.Future[None] | anyio.Event | None = None
-        self._retire = False
         self._unfinished = False  # a send started and has not finished (see _flush)
         self._tg: anyio.abc.TaskGroup | None = None
         # For the heartbeat timer: when it last saw frames sent, and how many by then
@@ -241,13 +263,13 @@ class Connection:
         self._tokens_at = time.monotonic()
         self._bad_frames: deque[float] | None = None  # made on the first bad frame
         # The connection's context (its ASGI task's), where every send runs; the loop
-        # (asyncio only: inline sends); the loop turn of this connection's last inline
-        # send; an inline send that has to wait (its coroutine and what it waits on).
+        # (asyncio 3.12+ only: inline sends); the loop turn of this connection's last
+        # inline send; an inline send that has to wait (its task).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: contextvars.Context | None = None
         self._inline_turn = -1
         self._inline_count = 0
-        self._inflight: tuple[_Steppable, Any] | None = None
+        self._inflight: asyncio.Task[bool] | None = None
 
     def __repr__(self) -> str:
         return f"Connection({self.id}, identity={self.identity!r}, topics={len(self.subs)})"
@@ -264,14 +286,14 @@ class Connection:
         if n > 0 and self.live_queued > self._backlog_at:
             # A publisher that never waits (a loop over a MemoryStore) must let
             # the writers run before a prompt reader looks like a slow one.
-            self.replay.hub.backlogged = True
+            self._hub.backlogged = True
             if self.live_queued > self.limits.send_queue_size:
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
         """Send or queue a live frame: :meth:`_push` for the hub, spelt out (once per frame per connection)."""
         self._queued += 1
-        if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
+        if self._queue or self._writer_state >= _SENDING or not self._send_inline(frame):
             self._queue.append((frame, True))
             self.count_live(1)
             self._kick()
@@ -279,23 +301,24 @@ class Connection:
     def _push(self, frame: str) -> int:
         """Send or queue a reply, replayed event or ping; returns its number (see :meth:`_drained`)."""
         self._queued += 1
-        if self._queue or (self._writing and self._wakeup is None) or not self._send_inline(frame):
+        if self._queue or self._writer_state >= _SENDING or not self._send_inline(frame):
             self._queue.append((frame, False))
             self._kick()
         return self._queued
 
     def _send_inline(self, frame: str) -> bool:
-        """Send ``frame`` from the calling task; False when it must be queued instead.
+        """Start sending ``frame`` now, in an eager task of this connection; False when it must be queued instead.
 
         Called only when nothing is queued and the writer is parked or absent.
-        True means the frame is sent, or its send waits (for a full socket buffer)
-        and the writer finishes it before anything else, or the peer is gone
-        (the connection then stops).
+        True means the frame is sent, or its send waits (for a full socket
+        buffer) in its own task and the writer waits for it before anything
+        else, or the peer is gone (the connection then stops). Nothing of the
+        send runs as the calling task: the caller may be the publisher.
         """
         loop, context = self._loop, self._context
         if loop is None or context is None or self.close_code is not None or self._gone:
             return False
-        hub = self.replay.hub
+        hub = self._hub
         if self._inline_turn != hub.turn:
             self._inline_turn, self._inline_count = hub.turn, 0
         elif self._inline_count >= _INLINE_PER_TURN:
@@ -303,33 +326,34 @@ class Connection:
         self._inline_count += 1
         if not hub.turn_ending:
             hub.used_turn(loop)
-        try:
-            send = self._send_message(frame)
-            yielded = context.run(send.send, None)
-        except StopIteration:
+        if sys.version_info < (3, 12):  # pragma: no cover - _loop is None before 3.12
+            return False
+        task = asyncio.Task(self._send(frame), loop=loop, context=context, eager_start=True)
+        if not task.done():  # the send waits: in its task, and the writer waits for that
+            self._inflight = task
+            self._unfinished = True
+            self._kick()
+        elif task.cancelled():
+            self._lost(asyncio.CancelledError("the send was cancelled"))
+        elif task.result():
             self._sent += 1  # _count_sent(False), spelt out: this runs once per frame
             if self._progress is not None:
                 self._progress.set()
                 self._progress = None
-            return True
-        except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
-            self._lost(exc)
-            return True
-        self._inflight = (send, yielded)
-        self._unfinished = True
-        self._kick()
         return True
 
     def _kick(self) -> None:
         """Have what waits sent: wake the parked writer, or start one."""
         if self._wakeup is not None:
             wakeup, self._wakeup = self._wakeup, None
+            if self._writer_state is _PARKED:
+                self._writer_state = _SENDING  # RETIRING stays: it sends, then ends
             if isinstance(wakeup, anyio.Event):
                 wakeup.set()
             elif not wakeup.done():  # a future the cancelled writer left behind is done
                 wakeup.set_result(None)
-        elif not self._writing and self._tg is not None and self.close_code is None and not self._gone:
-            self._writing = True
+        elif self._writer_state is _ABSENT and self._tg is not None and self.close_code is None and not self._gone:
+            self._writer_state = _SENDING
             assert self._context is not None  # set with _tg
             self._context.run(self._tg.start_soon, self._writer)  # in the connection's context
 
@@ -375,7 +399,7 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or it is aborted. Never raises."""
-        self._loop = _asyncio_loop()
+        self._loop = _eager_loop()
         self._context = contextvars.copy_context()
         try:
             async with anyio.create_task_group() as tg:
@@ -390,62 +414,50 @@ class Connection:
             logger.exception("[%s] unexpected error", self.id)
             self.abort(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            inline = self._loop is not None
             self._tg = self._loop = None  # no more writers, no more inline sends
             with anyio.CancelScope(shield=True):
-                if self._inflight is not None:
-                    self._inflight[0].close()  # no writer finished this send
+                inflight, self._inflight = self._inflight, None
+                if inflight is not None and not inflight.done():
+                    inflight.cancel()  # a send that waited: no writer finishes it now
+                    with anyio.move_on_after(self.limits.close_timeout):
+                        await asyncio.wait((inflight,))
                 for sub in list(self.subs.values()):
-                    await self.replay.hub.leave(sub)
+                    await self._hub.leave(sub)
                 self.subs.clear()
                 if self.close_code is not None and not self._gone:
-                    if inline:
-                        self._flush()
+                    await self._flush()
                     with anyio.move_on_after(self.limits.close_timeout):
                         try:
                             await self.websocket.close(self.close_code, self.close_reason)
                         except Exception:  # the peer went away meanwhile
                             pass
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         """Before the close frame: send what is queued, as far as the socket takes it at once.
 
         Frames queued just before an abort (the replies and ``rate_limited``
         errors to a flood of frames, say) then reach the client ahead of the
-        close. Never waits: the first send that would is dropped, with the rest.
-        Nothing goes out after a send that did not finish (no hole).
+        close. Runs in the connection's own task, in a cancelled scope: a send
+        that would wait is cancelled where it first suspends, and the rest is
+        dropped. Nothing goes out after a send that did not finish (no hole).
         """
-        queue, context = self._queue, self._context
-        while not self._unfinished and self._head < len(queue) and context is not None:
-            try:
-                send = self._send_message(queue[self._head][0])
-                context.run(send.send, None)
-            except StopIteration:
+        queue = self._queue
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            while not self._unfinished and self._head < len(queue):
+                self._unfinished = True
+                if not await self._send(queue[self._head][0]):
+                    return
+                self._unfinished = False
                 self._head += 1
-                continue
-            except Exception as exc:
-                self._lost(exc)
-                return
-            send.close()  # it would wait (a full socket buffer): the close goes out now
-            return
-
-    def _send_message(self, frame: str) -> _Steppable:
-        """The send of one text frame (see :func:`_asgi_send`), not started, to be stepped.
-
-        An ASGI send is only promised to return an awaitable: a coroutine (uvicorn's,
-        an ``async def`` middleware's) is stepped as it is, anything else through
-        the iterator its ``__await__`` returns. Callers make it inside the ``try``
-        that steps it: a send that is a plain function may raise as it is called,
-        and the caller may be another connection's task or the publisher's. (Such
-        a function's own code before it returns runs in the caller's context; the
-        steps run in the connection's.)
-        """
-        send = self._send_asgi({"type": "websocket.send", "text": frame})
-        if type(send) is types.CoroutineType:
-            return send
-        return send.__await__()
 
     async def _send(self, frame: str) -> bool:
+        """Send one text frame from the calling task (see :func:`_asgi_send`).
+
+        False when the send failed: the peer is gone and the connection stops.
+        The ASGI send is called inside the ``try``: a send that is a plain
+        function may raise as it is called.
+        """
         try:
             await self._send_asgi({"type": "websocket.send", "text": frame})
         except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError
@@ -453,15 +465,19 @@ class Connection:
             return False
         return True
 
-    async def _finish_inline_send(self, send: _Steppable, waiting_on: Any) -> bool:
-        try:
-            await _finish(send, waiting_on)
-        except Exception as exc:
-            self._lost(exc)
+    async def _finish_inline_send(self, task: asyncio.Task[bool]) -> bool:
+        """Wait for a send that had to wait, in its own task; False when it failed.
+
+        Waits without cancelling the task when the writer is cancelled: ``run``
+        cancels and awaits it then.
+        """
+        if not task.done():
+            await asyncio.wait((task,))
+        self._inflight = None
+        if task.cancelled():
+            self._lost(asyncio.CancelledError("the send was cancelled"))
             return False
-        finally:
-            self._inflight = None
-        return True
+        return task.result()
 
     async def _stop(self, code: int, reason: str) -> NoReturn:
         """Abort with ``code`` and unwind the reader."""
@@ -480,12 +496,11 @@ class Connection:
             self._sent_at_beat = self._sent
             self._idle_since = now
             return
-        if self._queue or (self._writing and self._wakeup is None) or now - self._idle_since < interval:
+        if self._queue or self._writer_state >= _SENDING or now - self._idle_since < interval:
             return
-        self._retire = self._writing  # it ends once the queue is empty (the ping too)
+        if self._writer_state is _PARKED:
+            self._writer_state = _RETIRING  # the ping is queued for it, then it ends
         self._push(encode_ping())
-        if self._wakeup is not None:
-            self._kick()
 
     async def _writer(self) -> None:
         """Send what is in flight and queued; park when done; end when retired."""
@@ -494,7 +509,7 @@ class Connection:
         try:
             while True:
                 if self._inflight is not None:
-                    if not await self._finish_inline_send(*self._inflight):
+                    if not await self._finish_inline_send(self._inflight):
                         return
                     self._unfinished = False
                     self._count_sent(False)
@@ -503,8 +518,9 @@ class Connection:
                 if head == len(queue):
                     queue.clear()
                     self._head = 0
-                    if self._retire:
+                    if self._writer_state is _RETIRING:
                         return
+                    self._writer_state = _PARKED
                     if loop is not None:
                         self._wakeup = future = loop.create_future()
                         await future
@@ -523,7 +539,7 @@ class Connection:
                 self._unfinished = False
                 self._count_sent(live)
         finally:
-            self._writing = self._retire = False
+            self._writer_state = _ABSENT
             self._wakeup = None
 
     async def _reader(self) -> None:
@@ -612,7 +628,7 @@ class Connection:
         sub = self.subs.pop(topic)
         self.count_live(-len(sub.pending))
         sub.pending.clear()
-        await self.replay.hub.leave(sub)
+        await self._hub.leave(sub)
 
     async def _ack(self, frame: Ack) -> None:
         sub = self.subs.get(frame.topic)
@@ -631,14 +647,14 @@ class Connection:
         if self.identity is None:
             return
         try:
-            await self.replay.store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset))
+            await self._store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset))
         except StoreUnavailable as exc:
             raise FrameError(
                 ErrorCode.UNAVAILABLE, f"cursor not stored: {exc}", ref=frame.ref, topic=frame.topic
             ) from None
 
     async def _authorized(self, topic: str, ref: Any) -> bool:
-        authorize = self.replay.authorize
+        authorize = self._authorize
         if authorize is None:
             raise FrameError(
                 ErrorCode.FORBIDDEN,
@@ -669,7 +685,7 @@ class Connection:
             )
         if not await self._authorized(topic, ref):
             raise FrameError(ErrorCode.FORBIDDEN, "not allowed to subscribe to this topic", ref=ref, topic=topic)
-        store = self.replay.store
+        store = self._store
         cursor: Cursor | None = None
         sub = Subscription(self, topic)
         self.subs[topic] = sub
@@ -678,7 +694,7 @@ class Connection:
                 cursor = Cursor(frame.epoch, frame.offset)
             elif self.identity is not None:
                 cursor = await store.load_cursor(self.identity, topic)
-            await self.replay.hub.join(sub)
+            await self._hub.join(sub)
             pos = await store.position(topic)
         except StoreUnavailable as exc:
             if self.subs.get(topic) is sub:
@@ -733,7 +749,7 @@ class Connection:
         of the last event queued, which is less than ``head`` when the store no
         longer has a contiguous history (trimmed or reset meanwhile).
         """
-        store = self.replay.store
+        store = self._store
         page_size = self.limits.replay_page_size
         previous_page_end = 0
         while after < head:

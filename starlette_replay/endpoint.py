@@ -5,8 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import secrets
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 from starlette.responses import PlainTextResponse
@@ -15,11 +14,12 @@ from starlette.websockets import WebSocket
 from .connection import Connection
 from .errors import Refused
 from .protocol import SUBPROTOCOL, CloseCode
+from .registry import Registry
 
-if TYPE_CHECKING:
-    from .replay import Replay
+__all__ = ["Endpoint", "Identify", "origin_allowed"]
 
-__all__ = ["origin_allowed", "serve"]
+# The app's hook naming a handshake's identity: (websocket) -> str | None | Awaitable[...]; raise Refused for 403.
+Identify = Callable[[WebSocket], "str | Awaitable[str | None] | None"]
 
 logger = logging.getLogger("starlette_replay.endpoint")
 
@@ -78,68 +78,94 @@ async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
         await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=reason)
 
 
-async def serve(replay: Replay, websocket: WebSocket) -> None:
-    """Run one WebSocket connection from handshake to close. Never raises."""
-    conn_id = secrets.token_hex(4)
-    if not origin_allowed(
-        websocket.headers.get("origin"),
-        websocket.headers.get("host"),
-        websocket.url.scheme,
-        replay.allowed_origins,
-    ):
-        logger.warning("[%s] handshake refused: origin %r not allowed", conn_id, websocket.headers.get("origin"))
-        await _deny(websocket, 403, "origin not allowed")
-        return
-    identity: str | None = None
-    if replay.identify is not None:
-        try:
-            result = replay.identify(websocket)
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None and (not isinstance(result, str) or not result):
-                # "" would make every such user share one set of stored cursors.
-                raise TypeError(f"identify() must return a non-empty str or None, not {result!r}")
-            identity = result
-        except Refused as exc:
-            logger.info("[%s] handshake refused by identify: %s", conn_id, exc.reason)
-            await _deny(websocket, 403, "refused")
+class Endpoint:
+    """The WebSocket route's ASGI side: the handshake, then a :class:`Connection` until it ends.
+
+    Given its collaborators by the Replay: the origin rule, the ``identify``
+    hook, the :class:`Registry` of connections (which also says whether the
+    Replay is running) and ``connect``, which makes the :class:`Connection`
+    for an accepted socket.
+    """
+
+    __slots__ = ("allowed_origins", "connect", "identify", "registry")
+
+    def __init__(
+        self,
+        *,
+        allowed_origins: Sequence[str] | None,
+        identify: Identify | None,
+        registry: Registry,
+        connect: Callable[[WebSocket, str | None, str], Connection],
+    ) -> None:
+        self.allowed_origins = allowed_origins
+        self.identify = identify
+        self.registry = registry
+        self.connect = connect
+
+    async def serve(self, websocket: WebSocket) -> None:
+        """Run one WebSocket connection from handshake to close. Never raises."""
+        conn_id = secrets.token_hex(4)
+        if not origin_allowed(
+            websocket.headers.get("origin"),
+            websocket.headers.get("host"),
+            websocket.url.scheme,
+            self.allowed_origins,
+        ):
+            logger.warning("[%s] handshake refused: origin %r not allowed", conn_id, websocket.headers.get("origin"))
+            await _deny(websocket, 403, "origin not allowed")
             return
-        except Exception:
-            logger.exception("[%s] identify() raised; refusing the handshake", conn_id)
-            await _deny(websocket, 500, "internal error")
+        identity: str | None = None
+        if self.identify is not None:
+            try:
+                result = self.identify(websocket)
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None and (not isinstance(result, str) or not result):
+                    # "" would make every such user share one set of stored cursors.
+                    raise TypeError(f"identify() must return a non-empty str or None, not {result!r}")
+                identity = result
+            except Refused as exc:
+                logger.info("[%s] handshake refused by identify: %s", conn_id, exc.reason)
+                await _deny(websocket, 403, "refused")
+                return
+            except Exception:
+                logger.exception("[%s] identify() raised; refusing the handshake", conn_id)
+                await _deny(websocket, 500, "internal error")
+                return
+        registry = self.registry
+        if not registry.accepting:
+            logger.error(
+                "[%s] connection refused: the Replay is not running. Start it with the app's lifespan "
+                "(Starlette(..., lifespan=replay.lifespan)) or `async with replay:`; under a server that sends "
+                "no lifespan events (daphne), from the first request (README: Servers without a lifespan)",
+                conn_id,
+            )
+            await _deny(websocket, 503, "not running")
             return
-    if not replay.running:
-        logger.error(
-            "[%s] connection refused: the Replay is not running. Start it with the app's lifespan "
-            "(Starlette(..., lifespan=replay.lifespan)) or `async with replay:`",
-            conn_id,
-        )
-        await _deny(websocket, 503, "not running")
-        return
-    if replay._identity_full(identity):
-        # 403, not accept + 1008: the protocol refuses handshakes with 403, no
-        # socket is spent, and a client stops on both (retrying cannot help
-        # until the identity closes a connection).
-        logger.info(
-            "[%s] handshake refused: the identity holds %s connections (max_connections_per_identity)",
-            conn_id,
-            replay.max_connections_per_identity,
-        )
-        await _deny(websocket, 403, "too many connections")
-        return
-    connection = Connection(replay, websocket, identity, conn_id)
-    # Counted for its identity from before accept(), with no await since the
-    # check above: the limit has no race, and revoke() reaches handshakes in progress.
-    replay._reserve(connection)
-    try:
-        offered = websocket.scope.get("subprotocols") or []
-        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-        logger.debug("[%s] connected (identity=%r)", conn_id, identity)
-        replay._track(connection)
+        if registry.identity_full(identity):
+            # 403, not accept + 1008: the protocol refuses handshakes with 403, no
+            # socket is spent, and a client stops on both (retrying cannot help
+            # until the identity closes a connection).
+            logger.info(
+                "[%s] handshake refused: the identity holds %s connections (max_connections_per_identity)",
+                conn_id,
+                registry.max_per_identity,
+            )
+            await _deny(websocket, 403, "too many connections")
+            return
+        connection = self.connect(websocket, identity, conn_id)
+        # Counted for its identity from before accept(), with no await since the
+        # check above: the limit has no race, and revoke() reaches handshakes in progress.
+        registry.reserve(connection)
         try:
-            await connection.run()
+            offered = websocket.scope.get("subprotocols") or []
+            await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+            logger.debug("[%s] connected (identity=%r)", conn_id, identity)
+            registry.track(connection)
+            try:
+                await connection.run()
+            finally:
+                registry.untrack(connection)
         finally:
-            replay._untrack(connection)
-    finally:
-        replay._release(connection)
-    logger.debug("[%s] closed (%s)", conn_id, connection.close_code)
+            registry.release(connection)
+        logger.debug("[%s] closed (%s)", conn_id, connection.close_code)

@@ -16,13 +16,16 @@ A :class:`Subscription` makes the replay -> live hand-off gap-free:
 
 Any hole or epoch change it sees is a promise it cannot keep: it closes the
 connection with 1013 and the client resumes from its cursor.
+
+The hub calls connections only through :class:`Recipient`, as stores call the
+hub only through ``LiveSink``: it never imports the connection module above it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 
@@ -30,14 +33,34 @@ from .events import Event
 from .protocol import CloseCode, encode_event
 from .stores.base import EventStore
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-__all__ = ["Hub", "Subscription"]
+__all__ = ["Hub", "Recipient", "Subscription"]
 
 logger = logging.getLogger("starlette_replay.hub")
 
 _UNSUBSCRIBE_TIMEOUT = 5.0
+
+
+class Recipient(Protocol):
+    """What the hub needs of a connection (``Connection`` implements it). Every call is synchronous."""
+
+    @property
+    def id(self) -> str:
+        """The connection's id, for log records."""
+        ...
+
+    @property
+    def close_code(self) -> int | None:
+        """The code it is closing with, or None while it is open."""
+        ...
+
+    def count_live(self, n: int) -> None:
+        """``n`` live events held for it (negative: released); past its bound it closes with 1013."""
+
+    def push_live(self, frame: str) -> None:
+        """Send or queue one live event's frame; never waits."""
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close with ``code`` as soon as possible; idempotent."""
 
 
 class Subscription:
@@ -45,7 +68,7 @@ class Subscription:
 
     __slots__ = ("connection", "epoch", "last", "live", "pending", "topic")
 
-    def __init__(self, connection: Connection, topic: str) -> None:
+    def __init__(self, connection: Recipient, topic: str) -> None:
         self.connection = connection
         self.topic = topic
         self.epoch: str | None = None

@@ -82,7 +82,7 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(str, enum.Enum):  # noqa: UP042 - StrEnum would change str() of a code
     """Codes carried by ``error`` frames."""
 
     BAD_REQUEST = "bad_request"

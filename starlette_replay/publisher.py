@@ -4,41 +4,55 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.from_thread
 import anyio.lowlevel
 
 from .errors import InvalidEvent, NotRunning
 from .events import Event
+from .hub import Hub
 from .protocol import check_event_type, check_topic, encode_data
+from .stores.base import EventStore
 
-if TYPE_CHECKING:
-    from .replay import Replay
-
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "RunningLoop"]
 
 # bytes an event frame adds to its data: the type, topic, offset and time fields
 _FRAME_OVERHEAD = 96
+
+
+class RunningLoop:
+    """Where a running Replay runs: set by the Replay when it starts, cleared when it stops."""
+
+    __slots__ = ("thread", "token")
+
+    def __init__(self) -> None:
+        self.token: anyio.lowlevel.EventLoopToken | None = None  # None: not running
+        self.thread: int | None = None
 
 
 class Publisher:
     """Publishes events through a :class:`~starlette_replay.Replay`.
 
     In FastAPI, ``publisher: Publisher = Depends(replay.publisher)``; elsewhere
-    ``replay.publish`` is the same call.
+    ``replay.publish`` is the same call. Made by the Replay with what it works
+    with: the store it appends to, the hub whose backlog it yields to, and the
+    Replay's running loop.
     """
 
-    __slots__ = ("_replay",)
+    __slots__ = ("_hub", "_loop", "_max_event_size", "_store")
 
-    def __init__(self, replay: Replay) -> None:
-        self._replay = replay
+    def __init__(self, store: EventStore, hub: Hub, loop: RunningLoop, *, max_event_size: int) -> None:
+        self._store = store
+        self._hub = hub
+        self._loop = loop
+        self._max_event_size = max_event_size
 
     def _encode(self, topic: str, event_type: str, data: Any) -> str:
         raw = encode_data(data)
         size = (len(raw) if raw.isascii() else len(raw.encode("utf-8"))) + len(topic) + len(event_type)
         size += _FRAME_OVERHEAD
-        limit = self._replay.max_event_size
+        limit = self._max_event_size
         if size > limit:
             raise InvalidEvent(f"encoded event is {size} bytes, over max_event_size={limit}")
         return raw
@@ -77,16 +91,18 @@ class Publisher:
             raise InvalidEvent("idempotency_key must be a string of 1-256 characters")
         if not items:
             return []
-        replay = self._replay
-        replay._check_running()
-        hub = replay.hub
+        if self._loop.token is None:
+            raise NotRunning(
+                "the Replay is not running: pass lifespan=replay.lifespan to the app, or use `async with replay:`"
+            )
+        hub = self._hub
         if hub.backlogged:
             # Some live queue is half full: let the writers drain it before adding
             # more, so that a burst of publishes does not close prompt readers with
             # 1013. Before the append: cancelling here stores nothing.
             hub.backlogged = False
             await anyio.lowlevel.checkpoint()
-        return await replay.store.append(topic, items, idempotency_key=idempotency_key)
+        return await self._store.append(topic, items, idempotency_key=idempotency_key)
 
     def publish_sync(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
         """:meth:`publish` from a thread: a FastAPI ``def`` handler, a worker thread.
@@ -95,7 +111,7 @@ class Publisher:
         :meth:`publish`, and ``RuntimeError`` when called from the event loop's
         own thread (use ``await publish(...)`` there).
         """
-        token, loop_thread = self._replay._token, self._replay._loop_thread
+        token, loop_thread = self._loop.token, self._loop.thread
         if token is None:
             raise NotRunning("the Replay is not running: start it before publishing")
         if threading.get_ident() == loop_thread:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -20,13 +19,14 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ._checks import check_int, check_positive, check_seconds
-from .connection import Connection, Limits
-from .endpoint import serve
+from .connection import Authorize, Connection, Limits
+from .endpoint import Endpoint, Identify
 from .errors import NotRunning, ReplayError
 from .events import Event
 from .hub import Hub
 from .protocol import CloseCode, check_topic
-from .publisher import Publisher
+from .publisher import Publisher, RunningLoop
+from .registry import Registry
 from .stores.base import Cursor, EventStore, Position
 from .stores.memory import MemoryStore
 
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["Authorize", "Identify", "Replay", "Snapshot", "allow_all"]
 
 logger = logging.getLogger("starlette_replay.replay")
-
-Authorize = Callable[[WebSocket, str], "bool | Awaitable[bool]"]
-Identify = Callable[[WebSocket], "str | Awaitable[str | None] | None"]
 
 
 _SNAPSHOT_ATTEMPTS = 5
@@ -134,15 +131,17 @@ class Replay:
             close_timeout=close_timeout,
         )
         self.hub = Hub(self.store)
-        self._publisher = Publisher(self)
-        self._connections: set[Connection] = set()
-        self._per_identity: dict[str, set[Connection]] = {}
-        self._close_waiters: dict[Connection, anyio.Event] = {}
-        self._all_closed: anyio.Event | None = None
+        self._loop = RunningLoop()
+        self._publisher = Publisher(self.store, self.hub, self._loop, max_event_size=max_event_size)
+        self._registry = Registry(max_per_identity=max_connections_per_identity, close_timeout=close_timeout)
+        self._endpoint = Endpoint(
+            allowed_origins=self.allowed_origins,
+            identify=identify,
+            registry=self._registry,
+            connect=self._connect,
+        )
         self._stack: AsyncExitStack | None = None
         self._scope: anyio.CancelScope | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
-        self._loop_thread: int | None = None
 
     def __repr__(self) -> str:
         return f"Replay(store={self.store!r}, running={self.running})"
@@ -171,10 +170,11 @@ class Replay:
             heartbeat = await stack.enter_async_context(anyio.create_task_group())
             heartbeat.start_soon(self._heartbeat)
             stack.callback(heartbeat.cancel_scope.cancel)  # unwound first: stops the loop
-            self._token = anyio.lowlevel.current_token()
-            self._loop_thread = threading.get_ident()
+            self._loop.token = anyio.lowlevel.current_token()
+            self._loop.thread = threading.get_ident()
             self._scope = scope
             self._stack = stack.pop_all()
+            self._registry.accepting = True
         return self
 
     async def __aexit__(
@@ -196,7 +196,7 @@ class Replay:
         while True:
             await anyio.sleep(interval / 4)
             now = time.monotonic()
-            for connection in self._connections:
+            for connection in self._registry.connections:
                 connection.heartbeat(now, interval)
 
     async def aclose(self) -> None:
@@ -210,18 +210,12 @@ class Replay:
         stack, self._stack = self._stack, None
         if stack is None:
             return
-        self._token = None
+        self._loop.token = None
         scope, self._scope = self._scope, None
         if scope is not None:
             scope.shield = True
         with anyio.CancelScope(shield=True):
-            if self._connections:
-                logger.info("shutting down: closing %d connections", len(self._connections))
-                self._all_closed = anyio.Event()
-                for connection in list(self._connections):
-                    connection.abort(CloseCode.GOING_AWAY, "server shutting down")
-                with anyio.move_on_after(self.limits.close_timeout + 1):
-                    await self._all_closed.wait()
+            await self._registry.close_all(CloseCode.GOING_AWAY, "server shutting down")
         try:
             # Not inside a new shielding scope (a task group in the store's context
             # must be exited as the innermost scope): `scope` shields it instead.
@@ -236,49 +230,23 @@ class Replay:
         async with self:
             yield
 
-    def _identity_full(self, identity: str | None) -> bool:
-        """True when ``identity`` already holds ``max_connections_per_identity`` connections."""
-        limit = self.max_connections_per_identity
-        return identity is not None and limit is not None and len(self._per_identity.get(identity, ())) >= limit
-
-    # Plain methods, not context managers: a suspended generator per connection
-    # costs memory that every idle connection would carry (see docs/benchmarks.md).
-
-    def _reserve(self, connection: Connection) -> None:
-        """Count ``connection`` against its identity from before ``accept()``; :meth:`_release` ends it."""
-        identity = connection.identity
-        if identity is not None:
-            self._per_identity.setdefault(identity, set()).add(connection)
-
-    def _release(self, connection: Connection) -> None:
-        identity = connection.identity
-        if identity is not None:
-            held = self._per_identity.get(identity)
-            if held is not None:
-                held.discard(connection)
-                if not held:
-                    del self._per_identity[identity]
-        waiter = self._close_waiters.pop(connection, None)
-        if waiter is not None:
-            waiter.set()
-
-    def _track(self, connection: Connection) -> None:
-        """Count ``connection`` as open (stats, shutdown) until :meth:`_untrack`."""
-        self._connections.add(connection)
-        if self._stack is None:
-            # Accepted while aclose() ran (or after): the hub no longer gets live events.
-            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
-
-    def _untrack(self, connection: Connection) -> None:
-        self._connections.discard(connection)
-        if not self._connections and self._all_closed is not None:
-            self._all_closed.set()
+    def _connect(self, websocket: WebSocket, identity: str | None, conn_id: str) -> Connection:
+        """The :class:`Connection` for an accepted socket, with its collaborators (the endpoint calls it)."""
+        return Connection(
+            websocket,
+            identity,
+            conn_id,
+            hub=self.hub,
+            store=self.store,
+            limits=self.limits,
+            authorize=self.authorize,
+        )
 
     # --- ASGI --------------------------------------------------------------------
 
     async def endpoint(self, websocket: WebSocket) -> None:
         """The WebSocket endpoint: ``WebSocketRoute("/ws", replay.endpoint)``."""
-        await serve(self, websocket)
+        await self._endpoint.serve(websocket)
 
     def route(self, path: str, *, name: str | None = None) -> WebSocketRoute:
         """A ``WebSocketRoute`` serving this Replay at ``path``."""
@@ -363,17 +331,7 @@ class Replay:
         Cancelling is safe: the connections are already being closed; only the
         wait stops.
         """
-        targets = list(self._per_identity.get(identity, ()))
-        if not targets:
-            return 0
-        logger.info("revoking %d connections of an identity: %s", len(targets), reason)
-        waiters = [self._close_waiters.setdefault(connection, anyio.Event()) for connection in targets]
-        for connection in targets:
-            connection.abort(CloseCode.POLICY_VIOLATION, reason)
-        with anyio.move_on_after(self.limits.close_timeout + 1):
-            for waiter in waiters:
-                await waiter.wait()
-        return len(targets)
+        return await self._registry.revoke(identity, reason)
 
     async def recheck(
         self,
@@ -395,25 +353,7 @@ class Replay:
         ``close_timeout`` + 1 s of waiting). Cancelling is safe: connections
         already found invalid are being closed; the others stay open.
         """
-        failed: list[Connection] = []
-        for connection in list(self._connections):
-            try:
-                result = check(connection.websocket, connection.identity)
-                if inspect.isawaitable(result):
-                    result = await result
-                valid = result is True
-            except Exception:
-                logger.exception("[%s] recheck() raised; closing the connection", connection.id)
-                valid = False
-            if not valid and connection in self._connections:
-                failed.append(connection)
-                self._close_waiters.setdefault(connection, anyio.Event())
-                connection.abort(CloseCode.POLICY_VIOLATION, reason)
-        waiters = [self._close_waiters[c] for c in failed if c in self._close_waiters]
-        with anyio.move_on_after(self.limits.close_timeout + 1):
-            for waiter in waiters:
-                await waiter.wait()
-        return len(failed)
+        return await self._registry.recheck(check, reason)
 
     async def snapshot(self, topic: str, *, limit: int = 1000) -> Snapshot:
         """The newest retained events of ``topic`` (at most ``limit``) and the cursor right after them.
@@ -450,8 +390,8 @@ class Replay:
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""
         return {
-            "connections": len(self._connections),
+            "connections": len(self._registry.connections),
             "subscriptions": self.hub.subscription_count,
             "topics": self.hub.topic_count,
-            "queued_frames": sum(c.queued for c in self._connections),
+            "queued_frames": self._registry.queued_frames,
         }

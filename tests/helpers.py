@@ -17,7 +17,6 @@ from httpx_ws.transport import ASGIWebSocketTransport
 from starlette.applications import Starlette
 
 from starlette_replay import Replay
-from starlette_replay.connection import Connection
 
 TIMEOUT = 5.0
 
@@ -185,12 +184,12 @@ async def lifespan_of(app: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
 
 async def serve_fake(replay: Replay, ws: FakeWebSocket, name: str) -> None:
     """What the endpoint does after accept, with a fake socket."""
-    connection = Connection(replay, ws, None, name)  # type: ignore[arg-type]
-    replay._track(connection)
+    connection = replay._connect(ws, None, name)  # type: ignore[arg-type]
+    replay._registry.track(connection)
     try:
         await connection.run()
     finally:
-        replay._untrack(connection)
+        replay._registry.untrack(connection)
 
 
 class FakeWebSocket:

@@ -61,8 +61,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _parent_pid(pid: object) -> int | None:
+    """The parent of process ``pid`` (Linux /proc), None when it cannot be told."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()  # type: ignore[call-overload]
+    except (OSError, TypeError, ValueError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 class UvicornServer:
-    """One uvicorn process serving ``app`` on ``host:port``.
+    """One uvicorn process serving ``app`` on ``host:port`` (or, with ``server``, another ASGI server).
+
+    ``server`` is ``uvicorn`` (``ws`` picks its WebSocket implementation),
+    ``hypercorn`` (asyncio worker), ``hypercorn-trio`` or ``granian``.
 
     ``env`` is added to this process's environment (values are turned into
     strings). ``log_path`` receives the server's stdout and stderr, appended
@@ -80,6 +92,7 @@ class UvicornServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         ws: str = "auto",
+        server: str = "uvicorn",
         graceful_timeout: int = 3,
         extra_args: tuple[str, ...] = (),
         name: str = "server",
@@ -92,6 +105,9 @@ class UvicornServer:
         self.host = host
         self.port = port
         self.ws = ws
+        if server not in ("uvicorn", "hypercorn", "hypercorn-trio", "granian"):
+            raise ValueError(f"unknown server {server!r}")
+        self.server = server
         self.graceful_timeout = graceful_timeout
         self.extra_args = extra_args
         self.name = name
@@ -131,6 +147,16 @@ class UvicornServer:
         return self.process is not None and self.process.poll() is None
 
     def _command(self, port: int) -> list[str]:
+        if self.server.startswith("hypercorn"):
+            app = f"{self.app}()" if self.factory else self.app
+            command = [sys.executable, "-m", "hypercorn", app, "--bind", f"{self.host}:{port}"]
+            if self.server == "hypercorn-trio":
+                command += ["--worker-class", "trio"]
+            return [*command, "--graceful-timeout", str(self.graceful_timeout), *self.extra_args]
+        if self.server == "granian":
+            command = [sys.executable, "-m", "granian", "--interface", "asgi", self.app]
+            command += ["--host", self.host, "--port", str(port), "--log-level", "info"]
+            return [*command, "--factory"] if self.factory else command
         command = [sys.executable, "-m", "uvicorn", self.app, "--host", self.host, "--port", str(port)]
         if self.factory:
             command.append("--factory")
@@ -214,7 +240,8 @@ class UvicornServer:
             told = json.loads(body).get("pid", pid)
         except (ValueError, AttributeError):
             return True
-        return bool(told == pid)
+        # hypercorn and granian serve from a worker process of the one we started
+        return bool(told == pid or _parent_pid(told) == pid)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code (None if not running)."""

@@ -126,7 +126,10 @@ def parsed_api() -> dict[str, set[str]]:
     }
 
 
-@pytest.mark.skipif(not API_MD.exists(), reason="shared/api.md is not next to this checkout")
+@pytest.mark.skipif(
+    not API_MD.exists(),
+    reason="the contract file ../shared/api.md is not beside this checkout (it is in the team's workspace and in CI)",
+)
 def test_the_explicit_lists_cover_api_md() -> None:
     api = parsed_api()
     assert api["top"] <= TOP_LEVEL
@@ -141,7 +144,10 @@ def test_the_explicit_lists_cover_api_md() -> None:
     assert all(api.values()), api
 
 
-@pytest.mark.skipif(not API_MD.exists(), reason="shared/api.md is not next to this checkout")
+@pytest.mark.skipif(
+    not API_MD.exists(),
+    reason="the contract file ../shared/api.md is not beside this checkout (it is in the team's workspace and in CI)",
+)
 def test_every_addition_is_built_or_pending_with_its_issue() -> None:
     additions = parsed_additions()
     assert additions, "the Additions block of api.md parsed to nothing"

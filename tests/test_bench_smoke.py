@@ -18,7 +18,9 @@ import pytest
 from bench import micro
 from bench.run import CONTENDERS, Config, available, run_benchmark
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed: `make system` installs it"
+)
 
 OURS = ["bare", "replay-memory", "replay-redis"]
 PEERS = [name for name in CONTENDERS if name not in OURS]

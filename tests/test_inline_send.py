@@ -1,16 +1,19 @@
-"""Inline sends: a frame pushed while a connection has nothing queued is sent by
-the pushing task itself, up to a few per connection per loop turn; the rest of a
-burst, and a send that has to wait, go through the writer, in one order.
+"""Inline sends: a frame pushed while a connection has nothing queued is sent at
+once, in an eager task of the connection (Python 3.12+), up to a few per
+connection per loop turn; the rest of a burst goes through the writer, which
+also waits for a send that had to wait, in one order. Never by the pushing task.
 
 The fake socket's ``send`` completes without suspending (as uvicorn's does
 while the socket's buffer has room) unless ``stalled``; it records the task that
-sent each frame.
+sent each frame. Tests marked ``needs_eager`` are about inline sends; the others
+hold on the writer-only path too (Python 3.11).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,10 +24,16 @@ import pytest
 
 from starlette_replay import MemoryStore, Replay, allow_all
 from starlette_replay import connection as connection_module
+from starlette_replay.connection import WriterState
 
 from .helpers import TIMEOUT, FakeWebSocket, serve_fake
 
 pytestmark = pytest.mark.anyio
+
+needs_eager = pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="inline sends need eager tasks: run on Python 3.12+ (make test-core PYTHON=python3.12)",
+)
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -55,7 +64,7 @@ async def subscribed(replay: Replay, tg: Any, ws: FakeWebSocket, name: str = "c"
 async def wait_parked(replay: Replay) -> None:
     """Until no connection has a writer sending or anything queued."""
     with anyio.fail_after(TIMEOUT):
-        while any((conn._writing and conn._wakeup is None) or conn.queued for conn in replay._connections):
+        while any(conn._writer_state >= WriterState.SENDING or conn.queued for conn in replay._registry.connections):
             await anyio.lowlevel.checkpoint()
 
 
@@ -89,21 +98,25 @@ def offsets(ws: FakeWebSocket) -> list[int]:
     return [frame["offset"] for frame in ws.sent if frame["type"] == "event"]
 
 
-async def test_a_parked_connection_is_sent_to_by_the_publishing_task() -> None:
+@needs_eager
+async def test_a_parked_connection_is_sent_to_at_once_in_a_task_of_its_own() -> None:
     a, b = RecordingWebSocket(), RecordingWebSocket()
     async with subscribers({"a": a, "b": b}) as replay:
         me = asyncio.current_task()
         for i in range(1, 4):
             await replay.publish("t", "x", i)
-            # sent before publish() returned, by this task: no writer was woken
+            # sent before publish() returned, no writer woken, and not by this task:
+            # each send ran in an eager task of its own
             assert offsets(a) == offsets(b) == list(range(1, i + 1))
-            assert a.senders[-1] is me and b.senders[-1] is me
+            assert a.senders[-1] is not me and b.senders[-1] is not me
+            assert a.senders[-1] is not b.senders[-1]
             await anyio.lowlevel.checkpoint()  # the next loop turn
         # in the connection's context, not the publisher's
         assert a.request_ids[-3:] == ["conn-a"] * 3 and b.request_ids[-3:] == ["conn-b"] * 3
         assert replay.stats()["queued_frames"] == 0
 
 
+@needs_eager
 async def test_a_burst_in_one_turn_is_sent_inline_up_to_a_bound_then_by_the_writer() -> None:
     inline, burst = connection_module._INLINE_PER_TURN, connection_module._INLINE_PER_TURN + 4
     async with one_subscriber() as (replay, ws):
@@ -115,12 +128,13 @@ async def test_a_burst_in_one_turn_is_sent_inline_up_to_a_bound_then_by_the_writ
         await ws.wait_for(1 + burst)
         assert offsets(ws) == list(range(1, burst + 1))
         writer = ws.senders[1 + inline]
-        assert ws.senders[1 : 1 + inline] == [me] * inline
+        inline_senders = ws.senders[1 : 1 + inline]
+        assert me not in inline_senders and len(set(map(id, inline_senders))) == inline  # a task each
         assert writer is not me and ws.senders[1 + inline :] == [writer] * (burst - inline)
         # Parked again: the next event is inline again.
         await wait_parked(replay)
         await replay.publish("t", "x", burst)
-        assert offsets(ws) == list(range(1, burst + 2)) and ws.senders[-1] is me
+        assert offsets(ws) == list(range(1, burst + 2)) and ws.senders[-1] not in (me, writer)
 
 
 async def test_an_inline_send_that_waits_is_finished_by_the_writer_before_the_queue() -> None:
@@ -137,6 +151,7 @@ async def test_an_inline_send_that_waits_is_finished_by_the_writer_before_the_qu
         assert len(ws.texts) == 6  # each sent once
         await wait_parked(replay)
         await replay.publish("t", "x", 5)
+        await ws.wait_for(7)
         assert offsets(ws) == [1, 2, 3, 4, 5, 6]
 
 
@@ -161,12 +176,13 @@ async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:
         assert gone.closed_with is None  # the peer is gone: nothing to close
         await anyio.lowlevel.checkpoint()  # the next loop turn
         await replay.publish("t", "x", 1)
+        await ok.wait_for(3)
         assert offsets(ok) == [1, 2]
 
 
 async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None:
     async with one_subscriber() as (replay, ws):
-        [conn] = list(replay._connections)
+        [conn] = list(replay._registry.connections)
         for i in range(3):
             await replay.publish("t", "x", i)  # one inline, two queued for a writer that has not run
         conn.abort(1008, "test")
@@ -178,7 +194,7 @@ async def test_frames_queued_before_an_abort_go_out_ahead_of_the_close() -> None
 
 async def test_nothing_goes_out_after_a_send_that_did_not_finish() -> None:
     async with one_subscriber() as (replay, ws):
-        [conn] = list(replay._connections)
+        [conn] = list(replay._registry.connections)
         ws.stalled = True
         for i in range(3):
             await replay.publish("t", "x", i)  # the first send waits; the others are queued behind it
@@ -198,10 +214,11 @@ async def test_a_frame_sent_between_heartbeat_ticks_puts_the_ping_off() -> None:
     # the connection busy from then, and only a full interval of ticks with nothing
     # sent brings a ping.
     async with one_subscriber() as (replay, ws):
-        [conn] = list(replay._connections)
+        [conn] = list(replay._registry.connections)
         interval, now = 10.0, conn._idle_since
         conn.heartbeat(now + interval + 1, interval)  # the subscribed reply went out since: busy
-        await replay.publish("t", "x", 1)  # sent inline, after that tick
+        await replay.publish("t", "x", 1)  # sent (inline on 3.12+), after that tick
+        await ws.wait_for(2)
         assert offsets(ws) == [1]
         conn.heartbeat(now + 2 * interval + 0.5, interval)  # a frame went out since the last tick: busy
         conn.heartbeat(now + 3 * interval, interval)  # 0.95 intervals since that tick: no ping yet

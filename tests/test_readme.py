@@ -10,6 +10,7 @@ behaviour the README describes.
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 import json
 import logging
@@ -35,13 +36,26 @@ from starlette.applications import Starlette
 from starlette_replay import MemoryStore, Position, RedisStore, Replay, allow_all
 
 from .client.helpers import serve
+from .helpers import refused_handshake
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _MARKED_BLOCK = re.compile(r"<!-- readme-test: ([a-z0-9-]+) -->\n```python\n(.*?)\n```", re.DOTALL)
-TESTED = {"starlette", "own-lifespan", "fastapi", "python-client", "worker", "auth", "log-filter", "snapshot"}
+TESTED = {
+    "starlette",
+    "own-lifespan",
+    "fastapi",
+    "python-client",
+    "worker",
+    "auth",
+    "log-filter",
+    "snapshot",
+    "testing-starlette",
+    "testing-async",
+    "no-lifespan",
+}
 TIMEOUT = 5.0
 
 
@@ -437,3 +451,43 @@ def test_log_filter_strips_query_strings() -> None:
         '127.0.0.1:51016 - "WebSocket /ws" 403',
         "Started server process [7]",
     ]
+
+
+def test_testing_your_app_with_starlettes_testclient() -> None:
+    # A plain function, as the README shows it: the TestClient runs the app in a thread of its own.
+    load("testing-starlette").test_news_arrives()
+
+
+async def test_testing_your_app_async() -> None:
+    await load("testing-async").test_news_arrives_async()
+
+
+async def test_a_server_without_lifespan_starts_the_replay_on_the_first_request() -> None:
+    # No LifespanManager: the app gets no lifespan events, as under daphne.
+    module = load("no-lifespan")
+    assert not module.replay.running
+    transport = ASGIWebSocketTransport(app=module.app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            async with websocket(client) as ws:
+                await subscribe(ws, "news")
+                assert module.replay.running
+                await module.replay.publish("news", "headline", {"n": 1})
+                event = await receive(ws)
+                assert (event["type"], event["offset"], event["data"]) == ("event", 1, {"n": 1})
+    finally:
+        task = module.app.task
+        assert task is not None
+        task.cancel()  # what the process's end does under daphne; here the Replay closes cleanly
+        with anyio.fail_after(TIMEOUT):
+            await asyncio.wait([task])
+    assert task.cancelled() and not module.replay.running
+
+
+async def test_a_handshake_before_the_replay_runs_says_how_to_start_it(caplog: pytest.LogCaptureFixture) -> None:
+    replay = Replay(authorize=allow_all)
+    app = Starlette(routes=[replay.route("/ws")], lifespan=replay.lifespan)
+    with caplog.at_level(logging.ERROR, logger="starlette_replay.endpoint"):
+        await refused_handshake(app)  # no lifespan ran
+    assert "lifespan=replay.lifespan" in caplog.text
+    assert "Servers without a lifespan" in caplog.text  # the README's way for daphne

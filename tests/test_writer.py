@@ -1,8 +1,9 @@
 """The writer: started for frames that must wait, parked when done, retired when idle.
 
-On asyncio a frame pushed to an idle connection is sent inline; without inline
-sends (``_asyncio_loop`` returns None, as on trio) every frame is queued for
-the writer. The in-process transport suspends in every send, so here the
+On asyncio with Python 3.12+ a frame pushed to an idle connection is sent
+inline (in an eager task of its own); without inline sends (``_eager_loop``
+returns None, as on Python 3.11 and trio) every frame is queued for the
+writer. The in-process transport suspends in every send, so here the
 writer is started on both paths. Each event below is published only after the
 client received the previous one. Both paths must deliver every frame, in
 order, retire the writer after a heartbeat interval of idleness (an idle
@@ -13,6 +14,7 @@ close on demand.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import anyio
@@ -24,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from starlette_replay import MemoryStore, Replay, allow_all
 from starlette_replay import connection as connection_module
+from starlette_replay.connection import WriterState
 from starlette_replay.protocol import CloseCode
 
 from .helpers import connect, make_app, running
@@ -33,19 +36,22 @@ pytestmark = pytest.mark.anyio
 EVENTS = 20
 
 
-async def test_inline_sends_are_enabled_on_asyncio() -> None:
-    assert connection_module._asyncio_loop() is asyncio.get_running_loop()
+async def test_inline_sends_are_enabled_on_asyncio_with_eager_tasks() -> None:
+    expected = asyncio.get_running_loop() if sys.version_info >= (3, 12) else None
+    assert connection_module._eager_loop() is expected
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "writer-only"])
 async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if inline and sys.version_info < (3, 12):
+        pytest.skip("inline sends need eager tasks: run on Python 3.12+ (make test-core PYTHON=python3.12)")
     if not inline:
-        monkeypatch.setattr(connection_module, "_asyncio_loop", lambda: None)
+        monkeypatch.setattr(connection_module, "_eager_loop", lambda: None)
     replay = Replay(MemoryStore(), authorize=allow_all, heartbeat_interval=0.2)
     async with running(make_app(replay)) as app, connect(app) as client:
         with anyio.fail_after(10):
             await client.subscribe("t")
-            [conn] = list(replay._connections)
+            [conn] = list(replay._registry.connections)
             assert (conn._loop is not None) is inline
             for round_ in range(2):
                 for i in range(EVENTS):
@@ -53,10 +59,10 @@ async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypat
                     [event] = await client.events(1)
                     assert event["offset"] == round_ * EVENTS + i + 1
                     assert event["data"] == {"i": i}
-                assert conn._writing  # parked, not ended, between events
+                assert conn._writer_state is WriterState.PARKED  # not ended, between events
                 # Idle for a heartbeat interval: a ping, and the writer ends.
                 assert await client.recv(within=2) == {"type": "ping"}
-                while conn._writing:  # noqa: ASYNC110
+                while conn._writer_state is not WriterState.ABSENT:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
                 assert conn._wakeup is None and conn.queued == 0
             # Abort while no writer runs: the reader stops, the close goes out.
@@ -82,7 +88,7 @@ async def test_long_replay_through_a_queue_that_never_empties() -> None:
             [live] = await client.events(1)
             assert live["offset"] == total + 1
             await client.nothing_pending()
-            [conn] = list(replay._connections)
+            [conn] = list(replay._registry.connections)
             assert conn.queued == 0
             assert len(conn._queue) <= 1  # emptied once the writer caught up (the pong may be in flight)
 
@@ -105,7 +111,7 @@ async def test_frames_after_accept_go_to_the_asgi_send_directly(monkeypatch: pyt
             for i in range(3):
                 await replay.publish("t", "tick", {"i": i})
             assert [e["data"]["i"] for e in await client.events(3)] == [0, 1, 2]
-            [conn] = list(replay._connections)
+            [conn] = list(replay._registry.connections)
             conn.abort(CloseCode.TRY_AGAIN_LATER, "test")
             assert await client.closed() == CloseCode.TRY_AGAIN_LATER
     assert through_websocket_send == ["websocket.accept", "websocket.close"]
@@ -148,9 +154,9 @@ class _SendReturningAwaitables:
         await self.replay.endpoint(WebSocket(scope, receive, lambda message: _Awaitable(send(message))))
 
 
-async def test_an_asgi_send_that_returns_another_awaitable_is_stepped_through_it() -> None:
-    # Frames are sent inline by stepping the send by hand; an ASGI send is only
-    # promised to return an awaitable, so a non-coroutine one must work as well.
+async def test_an_asgi_send_that_returns_another_awaitable_is_awaited() -> None:
+    # An ASGI send is only promised to return an awaitable: a non-coroutine one
+    # must work inline and through the writer.
     replay = Replay(MemoryStore(), authorize=allow_all)
     app = Starlette(routes=[WebSocketRoute("/ws", _SendReturningAwaitables(replay))], lifespan=replay.lifespan)
     async with running(app) as client_app, connect(client_app) as client:

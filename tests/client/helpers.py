@@ -81,7 +81,7 @@ def replay_app(replay: Replay, *, lifespan: bool = True) -> Starlette:
 
 def abort_all(replay: Replay, code: int, reason: str = "test") -> int:
     """Close every server-side connection of ``replay`` with ``code``; returns how many."""
-    connections = list(replay._connections)
+    connections = list(replay._registry.connections)
     for connection in connections:
         connection.abort(code, reason)
     return len(connections)

@@ -201,16 +201,26 @@ async def _exit_with_parent() -> None:
     """SIGTERM this server once the test run that started it is gone (``REPLAY_PARENT_PID``).
 
     A test run killed hard leaves no server listening behind it. The parent's
-    death has no event to wait on: this checks twice a second.
+    death has no event to wait on: this checks twice a second. Under servers
+    that run the app in a worker process (hypercorn, granian) the test run is
+    not this process's parent: the check is whether it still exists, and the
+    server's main process is stopped too.
     """
     parent = _env_int("REPLAY_PARENT_PID")
     if parent is None:
         return
     while True:
-        if os.getppid() != parent:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
             logger.warning("the test run (pid %d) is gone: shutting down", parent)
+            main = os.getppid()
+            if main not in (1, parent):
+                os.kill(main, signal.SIGTERM)  # the server's main process
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        except PermissionError:
+            pass  # it exists
         await anyio.sleep(0.5)
 
 

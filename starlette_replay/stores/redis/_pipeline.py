@@ -35,31 +35,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from ._codec import redis_errors
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-__all__ = ["NotSent", "Pipe", "Pipelines", "ReplyLost", "deadline"]
+__all__ = ["NotSent", "Pipe", "Pipelines", "ReplyLost"]
 
 logger = logging.getLogger("starlette_replay.stores.redis.pipeline")
-
-if sys.version_info >= (3, 11):
-    deadline = asyncio.timeout_at  # an anyio cancel scope costs ~10x more, on every command
-else:  # pragma: no cover - Python 3.10
-
-    @asynccontextmanager
-    async def deadline(when: float) -> AsyncIterator[None]:
-        with anyio.fail_at(when):
-            yield
 
 
 class NotSent(ConnectionError):
@@ -142,7 +129,7 @@ class Pipe:
         conn = self._conn
         loop = self._loop
         try:
-            async with deadline(loop.time() + connect_timeout):
+            async with asyncio.timeout_at(loop.time() + connect_timeout):
                 await conn.connect()  # type: ignore[no-untyped-call]
             self._reader = loop.create_task(self._read(), name=f"starlette_replay {self.name} reader")
             while True:
