@@ -78,10 +78,12 @@ class Pipe:
 
     __slots__ = (
         "_conn",
+        "_direct",
         "_in_flight",
         "_loop",
         "_outbox",
         "_reader",
+        "_stream",
         "_task",
         "_wakeup",
         "closed",
@@ -97,6 +99,9 @@ class Pipe:
         self._in_flight: deque[_Call] = deque()  # written, owed a reply, in the order written
         self._wakeup: asyncio.Future[None] | None = None  # the writer's, while it waits for commands
         self._reader: asyncio.Task[None] | None = None
+        # redis-py's StreamWriter for the connection, once connected: see submit()
+        self._stream: asyncio.StreamWriter | None = None
+        self._direct = True  # no command written directly yet in this loop turn
         self.closed = False
         self.last_reply = self._loop.time()
         # A task of the pipe's own, not of a task group: commands run outside the
@@ -118,11 +123,35 @@ class Pipe:
         if self.closed:
             raise NotSent(f"{self.name} is closed")
         call = _Call(self._loop.create_future(), packed, deadline)
-        self._outbox.append(call)
         wakeup = self._wakeup
+        stream = self._stream
+        if (
+            self._direct
+            and stream is not None
+            and wakeup is not None
+            and not wakeup.done()
+            and not stream.transport.is_closing()
+        ):
+            # The writer is parked with nothing to write: write this command now, and
+            # let the rest of this loop turn's commands go out together after it (a
+            # lone publisher would otherwise wait a turn for the writer's task on
+            # every command: about a third of its rate). A write that cannot go out
+            # at once is buffered by the transport; a lost connection is the
+            # reader's to report, as for any command in flight.
+            call.sent_at = self._loop.time()
+            call.packed = b""
+            self._in_flight.append(call)
+            stream.write(packed)
+            self._direct = False
+            self._loop.call_soon(self._allow_direct)
+            return call
+        self._outbox.append(call)
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
         return call
+
+    def _allow_direct(self) -> None:
+        self._direct = True
 
     async def _run(self, connect_timeout: float) -> None:
         """Connect, start the reader, then write what callers submit, one write per loop turn."""
@@ -132,6 +161,11 @@ class Pipe:
             async with asyncio.timeout_at(loop.time() + connect_timeout):
                 await conn.connect()  # type: ignore[no-untyped-call]
             self._reader = loop.create_task(self._read(), name=f"starlette_replay {self.name} reader")
+            # redis-py has no public way to write without awaiting a drain; its
+            # connection's StreamWriter is private (a test pins it): without it,
+            # every command goes through this task.
+            stream = getattr(conn, "_writer", None)
+            self._stream = stream if isinstance(stream, asyncio.StreamWriter) else None
             while True:
                 if not self._outbox:
                     self._wakeup = loop.create_future()
