@@ -216,29 +216,6 @@ class MemoryStore:
                     break
                 del entry.keys[key]
         return events
-        entry.head += len(events)
-        entry.last_publish = time.monotonic()
-        self._topics.move_to_end(topic)
-        self._unpublished.pop(topic, None)
-        if idempotency_key is not None:
-            entry.keys[idempotency_key] = (first, entry.head)
-            oldest = entry.oldest()
-            while entry.keys:
-                key, (_, last) = next(iter(entry.keys.items()))
-                if last >= oldest:
-                    break
-                del entry.keys[key]
-        sink = self._sink
-        try:
-            if sink is not None and topic in self._live:
-                for event in events:
-                    sink.deliver(event)
-        finally:
-            # Kept with the frames the hub encoded as they went out live, for replays (a
-            # reconnect storm replays the same events to many clients: encoded once).
-            # Nothing awaits in between: no reader can see the head before the events.
-            entry.events.extend([(event.event, event.raw, stamp, event._frame) for event in events])
-        return events
 
     async def read(self, topic: str, after: int, limit: int) -> list[Event]:
         entry = self._get(topic, create=False)
