@@ -224,6 +224,17 @@ async def publish_keyed(store: RedisStore, topic: str, key: str, raw: str) -> Ev
                 await anyio.sleep(0.02)  # a real publisher's retry pause, not synchronisation
 
 
+async def publish_keyed_until(
+    stop: anyio.Event, store: RedisStore, topics: list[str], p: int, acked: list[Event]
+) -> None:
+    """Publisher ``p``: keyed publishes round the topics until ``stop``, each retried until stored."""
+    i = 0
+    while not stop.is_set():
+        topic = topics[(p + i) % len(topics)]
+        acked.append(await publish_keyed(store, topic, f"{p}-{i}", data(topic, p * 1_000_000 + i)))
+        i += 1
+
+
 async def test_command_connections_killed_under_hundreds_in_flight_lose_nothing_acknowledged(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
@@ -235,13 +246,6 @@ async def test_command_connections_killed_under_hundreds_in_flight_lose_nothing_
             await store.subscribe(topic)
         stop = anyio.Event()
 
-        async def publisher(p: int) -> None:
-            i = 0
-            while not stop.is_set():
-                topic = topics[(p + i) % len(topics)]
-                acked.append(await publish_keyed(store, topic, f"{p}-{i}", data(topic, p * 1_000_000 + i)))
-                i += 1
-
         def kill_commands() -> int:
             with server.client() as client:  # normal clients but this one: the command connections
                 return int(client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
@@ -249,7 +253,7 @@ async def test_command_connections_killed_under_hundreds_in_flight_lose_nothing_
         kills = 0
         async with anyio.create_task_group() as tg:
             for p in range(300):
-                tg.start_soon(publisher, p)
+                tg.start_soon(publish_keyed_until, stop, store, topics, p, acked)
             for round_ in range(5):
                 await sink.wait_for(lambda round_=round_: len(acked) >= 300 * (round_ + 1), timeout=30)
                 kills += await anyio.to_thread.run_sync(kill_commands)
@@ -277,16 +281,9 @@ async def test_redis_killed_and_restarted_under_hundreds_in_flight_loses_nothing
             await store.subscribe(topic)
         stop = anyio.Event()
 
-        async def publisher(p: int) -> None:
-            i = 0
-            while not stop.is_set():
-                topic = topics[(p + i) % len(topics)]
-                acked.append(await publish_keyed(store, topic, f"{p}-{i}", data(topic, p * 1_000_000 + i)))
-                i += 1
-
         async with anyio.create_task_group() as tg:
             for p in range(200):
-                tg.start_soon(publisher, p)
+                tg.start_soon(publish_keyed_until, stop, store, topics, p, acked)
             for round_ in range(2):
                 await sink.wait_for(lambda round_=round_: len(acked) >= 200 * (round_ + 1) * 3, timeout=30)
                 await anyio.to_thread.run_sync(server.restart)  # SIGKILL, then the same port and data
