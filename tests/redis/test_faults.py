@@ -16,7 +16,7 @@ import anyio.to_thread
 import pytest
 
 from starlette_replay import Event, RedisStore, StoreUnavailable
-from tests.redis_server import RedisServer
+from tests.redis_server import RecordingSink, RedisServer
 from tests.redis_server import connected as connected_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -220,18 +220,27 @@ async def other_position(server: RedisServer, password: str) -> tuple[str, int, 
     return position.epoch, position.head, position.oldest
 
 
+async def five_delivered_and_a_replica_of_three(
+    server: RedisServer, store: RedisStore, sink: RecordingSink
+) -> tuple[list[Event], dict[str, bytes]]:
+    """Topic "t" (prefix "p") subscribed and delivered up to offset 5; the dump of its
+    keys taken at offset 3: what a replica that missed the last two writes holds."""
+    await store.subscribe("t")
+    published = await store.append("t", [("e", str(i)) for i in range(3)])
+    with server.client() as client:
+        replica = {key: client.dump(key) for key in ("p:{t}:meta", "p:{t}:log")}
+    published += await store.append("t", [("e", str(i)) for i in range(3, 5)])
+    await sink.wait_for(lambda: len(sink.of("t")) == 5)
+    return published, replica
+
+
 async def test_a_head_that_moved_back_is_reported_as_lost_events(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
     # What a failover to a lagging replica looks like: same epoch, the last writes gone.
     server = redis_server_factory()
     async with connected(server.url, prefix="p") as (store, sink):
-        await store.subscribe("t")
-        published = await store.append("t", [("e", str(i)) for i in range(3)])
-        with server.client() as client:
-            replica = {key: client.dump(key) for key in ("p:{t}:meta", "p:{t}:log")}
-        published += await store.append("t", [("e", str(i)) for i in range(3, 5)])
-        await sink.wait_for(lambda: len(sink.of("t")) == 5)
+        published, replica = await five_delivered_and_a_replica_of_three(server, store, sink)
         with server.client() as client:  # the failover: the replica's keys come back
             for key, value in replica.items():
                 client.restore(key, 0, value, replace=True)
@@ -253,12 +262,7 @@ async def test_reused_offsets_past_the_old_head_are_reported_after_a_reconnect(
     # delivered, compared by its time, tells.
     server = redis_server_factory()
     async with connected(server.url, prefix="p") as (store, sink):
-        await store.subscribe("t")
-        published = await store.append("t", [("e", str(i)) for i in range(3)])
-        with server.client() as client:
-            replica = {key: client.dump(key) for key in ("p:{t}:meta", "p:{t}:log")}
-        published += await store.append("t", [("e", str(i)) for i in range(3, 5)])
-        await sink.wait_for(lambda: len(sink.of("t")) == 5)
+        published, replica = await five_delivered_and_a_replica_of_three(server, store, sink)
         with server.client() as client:  # the failover, then three publishes nobody here heard live
             for key, value in replica.items():
                 client.restore(key, 0, value, replace=True)

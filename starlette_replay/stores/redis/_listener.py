@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ...errors import StoreError
+from ...errors import StoreError, StoreUnavailable
 from ...events import Event
 from ..base import LiveSink, Position
 from ._codec import packer, parse_entries, parse_payload, redis_errors, text
@@ -102,8 +102,6 @@ class Listener:
 
         Raises ``StoreUnavailable`` after ``publish_timeout``; cancelling is safe.
         """
-        from ...errors import StoreUnavailable
-
         state = self.topics.get(topic)
         if state is None:
             state = self.topics[topic] = _Topic(self._channel(topic))
