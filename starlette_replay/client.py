@@ -505,7 +505,9 @@ class ReplayClient:
             cursor = state.processed
             if self.acks and state.live and cursor is not None and cursor != state.acked:
                 # The last word on this topic: the server stores where we stopped.
-                session.send(encode_client_frame(Ack(topic, cursor.epoch, cursor.offset, ref=self._core.ref("a"))))
+                session.send(
+                    encode_client_frame(Ack(topic, cursor.epoch, cursor.offset, self._core.ref("a"), cursor.time))
+                )
             session.send(encode_client_frame(Unsubscribe(topic, ref=self._core.ref("u"))))
 
     def ack(self, item: Item) -> None:
@@ -624,7 +626,7 @@ class ReplayClient:
     def _processed(self, state: _Topic, item: Item) -> None:
         if self._topics.get(state.name) is not state:
             return
-        cursor = item.cursor if isinstance(item, Reset) else Cursor(item.epoch, item.offset)
+        cursor = item.cursor if isinstance(item, Reset) else Cursor(item.epoch, item.offset, item.time)
         current = state.processed
         if current is not None and current.epoch == cursor.epoch and current.offset >= cursor.offset:
             return
@@ -686,7 +688,7 @@ class ReplayClient:
             if cursor is None:
                 continue
             if self.acks and session is not None and state.live and cursor != state.acked:
-                frame = Ack(state.name, cursor.epoch, cursor.offset, ref=self._core.ref("a"))
+                frame = Ack(state.name, cursor.epoch, cursor.offset, self._core.ref("a"), cursor.time)
                 session.send(encode_client_frame(frame))
                 state.acked = cursor
             if self.cursor_store is not None and cursor != state.saved:

@@ -646,8 +646,15 @@ class Connection:
             )
         if self.identity is None:
             return
+        stamp = frame.time
         try:
-            await self._store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset))
+            if stamp is None and frame.offset > 0:
+                # The cursor carries the acked event's time ("Reused offsets"); a client that
+                # did not send it gets the stored one (none when that event is trimmed).
+                page = await self._store.read(frame.topic, frame.offset - 1, 1)
+                if page and page[0].offset == frame.offset and page[0].epoch == frame.epoch:
+                    stamp = page[0].time
+            await self._store.save_cursor(self.identity, frame.topic, Cursor(frame.epoch, frame.offset, stamp))
         except StoreUnavailable as exc:
             raise FrameError(
                 ErrorCode.UNAVAILABLE, f"cursor not stored: {exc}", ref=frame.ref, topic=frame.topic
@@ -691,7 +698,7 @@ class Connection:
         self.subs[topic] = sub
         try:
             if frame.epoch is not None and frame.offset is not None:
-                cursor = Cursor(frame.epoch, frame.offset)
+                cursor = Cursor(frame.epoch, frame.offset, frame.time)
             elif self.identity is not None:
                 cursor = await store.load_cursor(self.identity, topic)
             await self._hub.join(sub)
@@ -702,27 +709,48 @@ class Connection:
             raise FrameError(ErrorCode.UNAVAILABLE, f"store unavailable: {exc}", ref=ref, topic=topic) from None
 
         oldest_cursor = pos.oldest - 1
-        if cursor is not None:
-            recovered = cursor.epoch == pos.epoch and oldest_cursor <= cursor.offset <= pos.head
-            start = cursor.offset if recovered else oldest_cursor
-        else:
-            recovered = False
-            start = max(oldest_cursor, pos.head - frame.rewind)
+        page_size = self.limits.replay_page_size
         first_page: list[Event] | None = None
-        if start < pos.head:
-            # Read the first page before answering: on a full topic every publish trims
-            # the oldest event, so the oldest may be gone since the head was read. Then
-            # the replay starts after the hole (a gap: not recovered) instead of closing
-            # with 1013, which would send the client back into the same race.
-            try:
-                first_page = await store.read(topic, start, min(self.limits.replay_page_size, pos.head - start))
-            except StoreUnavailable as exc:
-                if self.subs.get(topic) is sub:
-                    await self._drop(topic)
-                raise FrameError(ErrorCode.UNAVAILABLE, f"store unavailable: {exc}", ref=ref, topic=topic) from None
-            if first_page and first_page[0].epoch == pos.epoch and first_page[0].offset > start + 1:
-                start = first_page[0].offset - 1
+        try:
+            if cursor is not None:
+                recovered = cursor.epoch == pos.epoch and oldest_cursor <= cursor.offset <= pos.head
+                start = cursor.offset if recovered else oldest_cursor
+                if recovered and cursor.time is not None and cursor.offset >= pos.oldest:
+                    # "Reused offsets": the stored event at the cursor must be the one the client
+                    # had. Read it with the first page, in the same round trip.
+                    page = await store.read(topic, start - 1, min(page_size, pos.head - start) + 1)
+                    if page and page[0].offset == start and page[0].epoch == pos.epoch:
+                        if page[0].time == cursor.time:
+                            first_page = page[1:]
+                        else:
+                            logger.info(
+                                "[%s] resume of %r at offset %d: the stored event's time %d is not the "
+                                "client's %d (the store reused the offset); replaying what it retains",
+                                self.id,
+                                topic,
+                                start,
+                                page[0].time,
+                                cursor.time,
+                            )
+                            recovered = False
+                            start = oldest_cursor
+                    # else: trimmed meanwhile, so it cannot tell; the read below finds the hole
+            else:
                 recovered = False
+                start = max(oldest_cursor, pos.head - frame.rewind)
+            if start < pos.head and first_page is None:
+                # Read the first page before answering: on a full topic every publish trims
+                # the oldest event, so the oldest may be gone since the head was read. Then
+                # the replay starts after the hole (a gap: not recovered) instead of closing
+                # with 1013, which would send the client back into the same race.
+                first_page = await store.read(topic, start, min(page_size, pos.head - start))
+        except StoreUnavailable as exc:
+            if self.subs.get(topic) is sub:
+                await self._drop(topic)
+            raise FrameError(ErrorCode.UNAVAILABLE, f"store unavailable: {exc}", ref=ref, topic=topic) from None
+        if first_page and first_page[0].epoch == pos.epoch and first_page[0].offset > start + 1:
+            start = first_page[0].offset - 1
+            recovered = False
         await self._reply(
             encode_subscribed(
                 topic,

@@ -182,8 +182,8 @@ class Subscribe:
     offset: int | None = None
     rewind: int = 0
     ref: Ref | None = None
-    # The `time` of the event at `offset` as the client received it ("Reused offsets"). Encoded by
-    # clients; parse_client_frame leaves it None (the server does not use it yet).
+    # The `time` of the event at `offset` as the client received it ("Reused offsets"): the
+    # server compares it with the stored event's to tell a reused offset from a recovered one.
     time: int | None = None
 
 
@@ -199,6 +199,8 @@ class Ack:
     epoch: str
     offset: int
     ref: Ref | None = None
+    # The `time` of the acked event; the server fills it from its store when absent.
+    time: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +304,12 @@ def parse_client_frame(text: str) -> ClientFrame:
         epoch = _field_epoch(obj, ref, topic) if has_epoch else None
         offset = _field_int(obj, "offset", ref, topic) if has_offset else None
         rewind = _field_int(obj, "rewind", ref, topic) if "rewind" in obj else 0
-        return Subscribe(topic, epoch, offset, rewind, ref)
+        stamp = None
+        if "time" in obj:
+            if not has_epoch:
+                raise _bad("'time' needs 'epoch' and 'offset'", ref, topic)
+            stamp = _field_int(obj, "time", ref, topic)
+        return Subscribe(topic, epoch, offset, rewind, ref, stamp)
     if kind == "unsubscribe":
         return Unsubscribe(_field_topic(obj, ref), ref)
     if kind == "ack":
@@ -310,7 +317,8 @@ def parse_client_frame(text: str) -> ClientFrame:
         for name in ("epoch", "offset"):
             if name not in obj:
                 raise _bad(f"missing field '{name}'", ref, topic)
-        return Ack(topic, _field_epoch(obj, ref, topic), _field_int(obj, "offset", ref, topic), ref)
+        stamp = _field_int(obj, "time", ref, topic) if "time" in obj else None
+        return Ack(topic, _field_epoch(obj, ref, topic), _field_int(obj, "offset", ref, topic), ref, stamp)
     if kind == "ping":
         return Ping(ref)
     if isinstance(kind, str):
@@ -334,6 +342,8 @@ def encode_client_frame(frame: ClientFrame) -> str:
         obj = {"type": "unsubscribe", "topic": frame.topic}
     elif isinstance(frame, Ack):
         obj = {"type": "ack", "topic": frame.topic, "epoch": frame.epoch, "offset": frame.offset}
+        if frame.time is not None:
+            obj["time"] = frame.time
     else:
         obj = {"type": "ping"}
     if frame.ref is not None:

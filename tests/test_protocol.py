@@ -63,6 +63,21 @@ def test_subscribe_variants() -> None:
     assert parse({"type": "subscribe", "topic": topic}).topic == topic
 
 
+def test_time_with_a_cursor() -> None:
+    # "Reused offsets": the time of the event at the cursor, on a resume and on an ack
+    frame = parse({"type": "subscribe", "topic": "a", "epoch": "e", "offset": 4, "time": 1_700_000_000_004})
+    assert frame == Subscribe("a", "e", 4, time=1_700_000_000_004)
+    assert parse({"type": "ack", "topic": "a", "epoch": "e", "offset": 4, "time": 17}) == Ack("a", "e", 4, time=17)
+    for frame in (Subscribe("a", "e", 4, time=9), Ack("a", "e", 4, "r", 9)):
+        assert parse_client_frame(encode_client_frame(frame)) == frame
+    error = refused({"type": "subscribe", "topic": "a", "time": 5, "ref": 1})
+    assert "time" in error.message and "epoch" in error.message and error.ref == 1
+    for bad in (-1, 1.5, "5", True, None, MAX_OFFSET + 1):
+        for kind in ("subscribe", "ack"):
+            error = refused({"type": kind, "topic": "a", "epoch": "e", "offset": 1, "time": bad, "ref": 2})
+            assert "'time'" in error.message, (kind, bad, error)
+
+
 def test_unsubscribe_ack_ping() -> None:
     assert parse({"type": "unsubscribe", "topic": "t", "ref": 1}) == Unsubscribe("t", 1)
     assert parse({"type": "ack", "topic": "t", "epoch": "e", "offset": 3}) == Ack("t", "e", 3)
@@ -206,6 +221,7 @@ frame_like = st.fixed_dictionaries(
         "epoch": json_values,
         "offset": json_values | st.integers(min_value=-2, max_value=2**54),
         "rewind": json_values,
+        "time": json_values | st.integers(min_value=-2, max_value=2**54),
         "ref": json_values,
     },
 )

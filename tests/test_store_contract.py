@@ -173,6 +173,17 @@ async def test_cursors_move_forward_within_an_epoch_and_another_epoch_replaces(o
         assert await store.load_cursor("alice", "u") is None
 
 
+async def test_a_cursor_keeps_the_time_of_its_event(open_store: Any) -> None:
+    # protocol.md, "Reused offsets": the stored cursor carries the acked event's time
+    async with open_store() as (store, _):
+        await store.save_cursor("alice", "t", Cursor("e1", 5, 1_700_000_000_005))
+        assert await store.load_cursor("alice", "t") == Cursor("e1", 5, 1_700_000_000_005)
+        await store.save_cursor("alice", "t", Cursor("e1", 6))  # forward, its time unknown
+        assert await store.load_cursor("alice", "t") == Cursor("e1", 6, None)
+        await store.save_cursor("alice", "t", Cursor("e2", 1, 7))
+        assert await store.load_cursor("alice", "t") == Cursor("e2", 1, 7)
+
+
 async def test_history_size_trims_and_moves_oldest(open_store: Any) -> None:
     async with open_store(history_size=5) as (store, _):
         published = await store.append("t", [("e", str(i)) for i in range(3)])

@@ -127,6 +127,38 @@ async def test_cursor_resume(server: Server, cursor_offset: int, recovered: bool
         assert offsets(await c.events(1)) == [9]
 
 
+@pytest.mark.parametrize("cursor_offset", [4, 6, 8])
+async def test_a_resume_whose_time_differs_is_a_reused_offset(server: Server, cursor_offset: int) -> None:
+    # protocol.md, "Reused offsets": the stored event at the cursor is not the one the client had
+    await server.publish("t", 8)  # retains 4..8
+    store = server.replay.store
+    epoch = (await store.position("t")).epoch
+    (stored,) = await store.read("t", cursor_offset - 1, 1)
+    async with server.connect() as c:
+        sub = await c.subscribe("t", epoch=epoch, offset=cursor_offset, time=stored.time)
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, True, 8 - cursor_offset)
+        assert offsets(await c.events(8 - cursor_offset)) == list(range(cursor_offset + 1, 9))
+        sub = await c.subscribe("t", epoch=epoch, offset=cursor_offset, time=stored.time + 1)
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, False, 5)
+        assert offsets(await c.events(5)) == [4, 5, 6, 7, 8]
+        await c.nothing_pending()
+        await server.publish("t", 1)
+        assert offsets(await c.events(1)) == [9]
+
+
+@pytest.mark.parametrize(("cursor_offset", "recovered"), [(0, False), (3, True)])
+async def test_a_time_at_an_offset_no_longer_held_cannot_be_checked(
+    server: Server, cursor_offset: int, recovered: bool
+) -> None:
+    # 3 is the one before the oldest retained (trimmed: the other rules decide), 0 holds no event
+    await server.publish("t", 8)
+    epoch = (await server.replay.store.position("t")).epoch
+    async with server.connect() as c:
+        sub = await c.subscribe("t", epoch=epoch, offset=cursor_offset, time=1)
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, recovered, 5)
+        assert offsets(await c.events(5)) == [4, 5, 6, 7, 8]
+
+
 async def test_cursor_from_another_epoch(server: Server) -> None:
     await server.publish("t", 3)
     async with server.connect() as c:
@@ -251,6 +283,11 @@ async def test_authorize_raising_is_internal_and_connection_serves_on(server: Se
 # --- acks and stored cursors ---------------------------------------------------------------------------
 
 
+def _where(cursor: Cursor | None) -> tuple[str, int] | None:
+    """A stored cursor's epoch and offset (its time is tested apart)."""
+    return None if cursor is None else (cursor.epoch, cursor.offset)
+
+
 def _identity(websocket: WebSocket) -> str | None:
     return websocket.query_params.get("user")
 
@@ -265,7 +302,7 @@ async def test_ack_then_reconnect_resumes_from_stored_cursor(server: Server) -> 
         # no reply to an ack; ordering guarantees it is stored before the ping
         await c.send({"type": "ack", "topic": "t", "epoch": sub["epoch"], "offset": events[1]["offset"], "ref": 1})
         await c.nothing_pending()
-    assert await server.replay.store.load_cursor("alice", "t") == Cursor(sub["epoch"], 2)
+    assert await server.replay.store.load_cursor("alice", "t") == Cursor(sub["epoch"], 2, events[1]["time"])
     await server.publish("t", 1)
     async with server.connect(path="/ws?user=alice") as c:
         sub = await c.subscribe("t", rewind=1)  # rewind ignored: the stored cursor is used
@@ -295,6 +332,40 @@ async def test_stored_cursor_too_old_is_not_recovered(server: Server) -> None:
 
 
 @pytest.mark.replay(identify=_identity)
+async def test_a_stored_cursor_keeps_the_time_and_a_reused_offset_is_not_recovered(server: Server) -> None:
+    await server.publish("t", 3)
+    store = server.replay.store
+    epoch = (await store.position("t")).epoch
+    async with server.connect(path="/ws?user=alice") as c:
+        await c.subscribe("t", rewind=3)
+        events = await c.events(3)
+        await c.send({"type": "ack", "topic": "t", "epoch": epoch, "offset": 2, "time": events[1]["time"]})
+        await c.nothing_pending()
+    assert await store.load_cursor("alice", "t") == Cursor(epoch, 2, events[1]["time"])
+    async with server.connect(path="/ws?user=alice") as c:
+        sub = await c.subscribe("t")
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, True, 1)
+    # The store's event at offset 2 is another one than the acked (as after a fail-over that lost it)
+    await store.save_cursor("alice", "t", Cursor(epoch, 3, events[2]["time"] + 1))
+    async with server.connect(path="/ws?user=alice") as c:
+        sub = await c.subscribe("t")
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, False, 3)
+        assert offsets(await c.events(3)) == [1, 2, 3]
+
+
+@pytest.mark.replay(identify=_identity)
+async def test_an_ack_of_a_trimmed_event_is_stored_without_a_time(server: Server) -> None:
+    store = server.replay.store
+    async with server.connect(path="/ws?user=alice") as c:
+        sub = await c.subscribe("t")
+        await server.publish("t", 8)  # retains 4..8
+        assert offsets(await c.events(8)) == list(range(1, 9))
+        await c.send({"type": "ack", "topic": "t", "epoch": sub["epoch"], "offset": 2})
+        await c.nothing_pending()
+    assert await store.load_cursor("alice", "t") == Cursor(sub["epoch"], 2, None)
+
+
+@pytest.mark.replay(identify=_identity)
 async def test_acks_move_forward_within_an_epoch(server: Server) -> None:
     await server.publish("t", 5)
     store = server.replay.store
@@ -304,7 +375,7 @@ async def test_acks_move_forward_within_an_epoch(server: Server) -> None:
         for offset in (4, 2, 3):
             await c.send({"type": "ack", "topic": "t", "epoch": epoch, "offset": offset})
         await c.nothing_pending()
-        assert await store.load_cursor("alice", "t") == Cursor(epoch, 4)
+        assert _where(await store.load_cursor("alice", "t")) == (epoch, 4)
 
 
 @pytest.mark.replay(identify=_identity)
@@ -319,7 +390,7 @@ async def test_an_ack_in_the_topics_new_epoch_replaces_a_cursor_of_another(serve
         assert offsets(await c.events(3)) == [1, 2, 3]
         await c.send({"type": "ack", "topic": "t", "epoch": epoch, "offset": 2})
         await c.nothing_pending()
-    assert await store.load_cursor("alice", "t") == Cursor(epoch, 2)
+    assert _where(await store.load_cursor("alice", "t")) == (epoch, 2)
 
 
 @pytest.mark.replay(identify=_identity)
@@ -338,7 +409,7 @@ async def test_an_ack_past_what_was_delivered_is_refused(server: Server) -> None
         # the connection still serves, and the refused acks stored nothing
         await server.publish("t", 1)
         assert offsets(await c.events(1)) == [4]
-    assert await store.load_cursor("alice", "t") == Cursor(epoch, 2)
+    assert _where(await store.load_cursor("alice", "t")) == (epoch, 2)
 
 
 async def test_ack_without_identity_is_ignored(server: Server) -> None:

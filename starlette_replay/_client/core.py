@@ -166,7 +166,7 @@ class TopicState:
         self.epoch: str | None = cursor.epoch if cursor else None
         self.offset = cursor.offset if cursor else 0
         # the `time` of the event at `offset`, when this client received it (protocol: "Reused offsets")
-        self.time: int | None = None
+        self.time: int | None = cursor.time if cursor else None
         self.rewind = rewind
         self.ref: str | None = None  # the subscribe in flight on this connection
         self.live = False  # the server confirmed it on this connection: events are accepted
@@ -174,7 +174,7 @@ class TopicState:
 
     def cursor(self) -> Cursor | None:
         """The position to resume from: the last offset received, or None before any."""
-        return Cursor(self.epoch, self.offset) if self.epoch is not None else None
+        return Cursor(self.epoch, self.offset, self.time) if self.epoch is not None else None
 
 
 # --- actions -------------------------------------------------------------------------

@@ -76,22 +76,27 @@ class FileCursorStore:
         cursors: dict[str, Cursor] = {}
         raw = json.loads(text)
         if not isinstance(raw, dict):
-            raise ValueError(f"{self.path}: expected a JSON object of topic -> [epoch, offset]")
+            raise ValueError(f"{self.path}: expected a JSON object of topic -> [epoch, offset(, time)]")
         for topic, value in raw.items():
             if (
                 isinstance(value, list)
-                and len(value) == 2
+                and len(value) in (2, 3)
                 and isinstance(value[0], str)
-                and isinstance(value[1], int)
-                and not isinstance(value[1], bool)
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in value[1:])
             ):
-                cursors[topic] = Cursor(value[0], value[1])
+                cursors[topic] = Cursor(value[0], value[1], value[2] if len(value) == 3 else None)
             else:
                 logger.warning("%s: ignoring the malformed cursor of %r", self.path, topic)
         return cursors
 
     def _write(self, cursors: dict[str, Cursor]) -> None:
-        text = json.dumps({topic: [c.epoch, c.offset] for topic, c in sorted(cursors.items())}, ensure_ascii=False)
+        text = json.dumps(
+            {
+                topic: [c.epoch, c.offset] if c.time is None else [c.epoch, c.offset, c.time]
+                for topic, c in sorted(cursors.items())
+            },
+            ensure_ascii=False,
+        )
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as file:
             file.write(text)

@@ -815,8 +815,11 @@ export class ReplayClient {
   _flushAcks() {
     for (const sub of this._subs.values()) {
       if (sub._ackDirty && sub._live && sub._cursor) {
-        const { epoch, offset } = sub._cursor;
-        if (this._send({ type: "ack", topic: sub.topic, epoch, offset, ref: `a${++this._refSeq}` })) {
+        const { epoch, offset, time } = sub._cursor;
+        /** @type {Record<string, unknown>} */
+        const frame = { type: "ack", topic: sub.topic, epoch, offset, ref: `a${++this._refSeq}` };
+        if (time !== undefined) frame.time = time; // protocol.md, "Reused offsets": the stored cursor keeps it
+        if (this._send(frame)) {
           sub._ackDirty = false;
         }
       }

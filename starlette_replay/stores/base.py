@@ -43,10 +43,16 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """A client's position in a topic: the last offset it has, in an epoch."""
+    """A client's position in a topic: the last offset it has, in an epoch.
+
+    ``time`` is the store's ``time`` of the event at ``offset`` as the client got
+    it, when known: a resume compares it with the stored event's to notice an
+    offset that a store which lost events has reused (protocol "Reused offsets").
+    """
 
     epoch: str
     offset: int
+    time: int | None = None
 
 
 class LiveSink(Protocol):

@@ -60,7 +60,7 @@ async def test_acks_are_batched_not_one_per_event() -> None:
     assert 2 <= len(offsets) <= 6, offsets
     assert offsets == sorted(set(offsets))
     assert {(identity, topic) for identity, topic, _ in store.acks} == {("u1", "t")}
-    assert store.acks[-1][2] == Cursor(items[0].epoch, 35)
+    assert store.acks[-1][2] == Cursor(items[0].epoch, 35, items[34].time)  # the client sends the time it got
 
 
 async def test_manual_ack_is_flushed_after_the_interval() -> None:
@@ -77,7 +77,7 @@ async def test_manual_ack_is_flushed_after_the_interval() -> None:
             await store.acked(0)  # the fresh start
             client.ack(items[2])
             await store.acked(3)  # flushed by the timer, the client still open
-            assert client.cursor("t") == Cursor(items[2].epoch, 3)
+            assert client.cursor("t") == Cursor(items[2].epoch, 3, items[2].time)
     assert all(cursor.offset <= 3 for _, _, cursor in store.acks)
 
 
@@ -109,7 +109,8 @@ async def test_cursor_file_lets_a_restarted_process_resume(tmp_path: Path) -> No
                 await client.subscribe("t")
                 first = await take(client, 5)
         epoch = first[0].epoch if isinstance(first[0], Event) else ""
-        assert json.loads(path.read_text()) == {"t": [epoch, 5]}
+        # the time of the event at the cursor is kept, so the resume can tell a reused offset
+        assert json.loads(path.read_text()) == {"t": [epoch, 5, first[4].time]}
         # "Restart": a new client and a new store object on the same file.
         async with ReplayClient(url(port), topics=["t"], cursor_store=FileCursorStore(path), backoff=FAST) as client:
             with anyio.fail_after(TIMEOUT):
@@ -153,7 +154,7 @@ async def test_a_saved_cursor_from_a_lost_epoch_gives_a_reset() -> None:
             reset, event = await take(client, 2)
     assert isinstance(reset, Reset) and reset.previous == Cursor("gone", 41)
     assert isinstance(event, Event) and (event.epoch, event.offset) == (reset.epoch, 1)
-    assert cursors.cursors["t"] == Cursor(reset.epoch, 1)
+    assert cursors.cursors["t"] == Cursor(reset.epoch, 1, event.time)
 
 
 async def test_unsubscribe_acks_where_the_app_stopped() -> None:

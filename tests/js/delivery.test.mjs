@@ -221,14 +221,14 @@ test("acks are batched: one ack per topic per interval, with the latest offset",
   t.timers.advance(1000);
   assert.ok(ws.sentOf("ack").every((f) => /^a\d+$/.test(f.ref)), "every ack carries a ref");
   assert.deepEqual(withoutRefs(ws.sentOf("ack")), [
-    { type: "ack", topic: "a", epoch: "e1", offset: 3 },
-    { type: "ack", topic: "b", epoch: "e1", offset: 1 },
+    { type: "ack", topic: "a", epoch: "e1", offset: 3, time: 1700000000003 },
+    { type: "ack", topic: "b", epoch: "e1", offset: 1, time: 1700000000001 },
   ]);
   t.timers.advance(5000);
   assert.equal(ws.sentOf("ack").length, 2, "nothing new, no ack");
   ws.receive(event("a", 4));
   t.client.close();
-  assert.deepEqual(withoutRefs(ws.sentOf("ack"))[2], { type: "ack", topic: "a", epoch: "e1", offset: 4 }, "close flushes");
+  assert.deepEqual(withoutRefs(ws.sentOf("ack"))[2], { type: "ack", topic: "a", epoch: "e1", offset: 4, time: 1700000000004 }, "close flushes");
 });
 
 test("acks are off by default", () => {
@@ -266,8 +266,8 @@ test("an ack refused by its ref (rate_limited) is sent again at the next flush",
   ws.receive({ type: "error", code: "rate_limited", message: "dropped", topic: "a", ref: ack.ref });
   t.timers.advance(1000);
   assert.deepEqual(withoutRefs(ws.sentOf("ack")), [
-    { type: "ack", topic: "a", epoch: "e1", offset: 1 },
-    { type: "ack", topic: "a", epoch: "e1", offset: 1 },
+    { type: "ack", topic: "a", epoch: "e1", offset: 1, time: 1700000000001 },
+    { type: "ack", topic: "a", epoch: "e1", offset: 1, time: 1700000000001 },
   ]);
   assert.notEqual(ws.sentOf("ack")[1].ref, ack.ref);
 });

@@ -401,10 +401,10 @@ class RedisStore:
 
     async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
         """The cursor saved for ``identity`` on ``topic``, or ``None``. Safe to cancel."""
-        reply = await self._execute("HMGET", self._cursor_key(identity, topic), "e", "o")
+        reply = await self._execute("HMGET", self._cursor_key(identity, topic), "e", "o", "t")
         if reply[0] is None or reply[1] is None:
             return None
-        return Cursor(text(reply[0]), to_int(reply[1]))
+        return Cursor(text(reply[0]), to_int(reply[1]), None if reply[2] is None else to_int(reply[2]))
 
     async def save_cursor(self, identity: str, topic: str, cursor: Cursor) -> None:
         """Save a cursor (forward-only within an epoch; another epoch replaces it).
@@ -414,7 +414,7 @@ class RedisStore:
         await self._eval(
             _scripts.SAVE_CURSOR,
             [self._cursor_key(identity, topic)],
-            [cursor.epoch, cursor.offset, self._cursor_ttl_ms],
+            [cursor.epoch, cursor.offset, self._cursor_ttl_ms, "" if cursor.time is None else cursor.time],
         )
 
     # --- lifecycle -------------------------------------------------------------------
