@@ -17,7 +17,9 @@ client go out in one order, one send at a time:
   send, which is all a bare broadcast loop pays.
 - Otherwise (a burst past that bound, something queued, Python 3.11, trio)
   the frame is queued for the *writer*, a task of the connection's task group
-  started for it, which sends the queue and then parks until woken for more.
+  started for it, which sends the queue and then parks until woken for more
+  (on asyncio, on a bare future: an ``anyio.Event`` per wake-up tripled the
+  per-frame cost on 3.11, where every frame is woken for).
   A send that has to wait (the socket's buffer is full) is left to its task;
   the writer waits for it to finish before it sends anything else.
 
@@ -94,14 +96,12 @@ _INLINE_PER_TURN = 8
 _EAGER_TASKS = sys.version_info >= (3, 12)
 
 
-def _eager_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop when sends can start as eager tasks, else None.
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, else None (trio, or an anyio too old to tell).
 
-    None on Python 3.11 and under trio (or an anyio too old to tell): then
-    every frame is queued for the connection's writer.
+    On asyncio the writer parks on a bare future (an ``anyio.Event`` costs about
+    as much again per wake-up), and on Python 3.12+ frames are sent inline.
     """
-    if not _EAGER_TASKS:
-        return None
     try:
         loop = anyio.lowlevel.current_token().native_token
     except Exception:
@@ -262,9 +262,9 @@ class Connection:
         self._tokens = float(self.limits.frame_burst)
         self._tokens_at = time.monotonic()
         self._bad_frames: deque[float] | None = None  # made on the first bad frame
-        # The connection's context (its ASGI task's), where every send runs; the loop
-        # (asyncio 3.12+ only: inline sends); the loop turn of this connection's last
-        # inline send; an inline send that has to wait (its task).
+        # The connection's context (its ASGI task's), where every send runs; the asyncio
+        # loop (None under trio; inline sends need 3.12+ too); the loop turn of this
+        # connection's last inline send; an inline send that has to wait (its task).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: contextvars.Context | None = None
         self._inline_turn = -1
@@ -316,7 +316,7 @@ class Connection:
         send runs as the calling task: the caller may be the publisher.
         """
         loop, context = self._loop, self._context
-        if loop is None or context is None or self.close_code is not None or self._gone:
+        if not _EAGER_TASKS or loop is None or context is None or self.close_code is not None or self._gone:
             return False
         hub = self._hub
         if self._inline_turn != hub.turn:
@@ -326,7 +326,7 @@ class Connection:
         self._inline_count += 1
         if not hub.turn_ending:
             hub.used_turn(loop)
-        if sys.version_info < (3, 12):  # pragma: no cover - _loop is None before 3.12
+        if sys.version_info < (3, 12):  # pragma: no cover - for the type checker: _EAGER_TASKS above
             return False
         task = asyncio.Task(self._send(frame), loop=loop, context=context, eager_start=True)
         if not task.done():  # the send waits: in its task, and the writer waits for that
@@ -399,7 +399,7 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or it is aborted. Never raises."""
-        self._loop = _eager_loop()
+        self._loop = _asyncio_loop()
         self._context = contextvars.copy_context()
         try:
             async with anyio.create_task_group() as tg:

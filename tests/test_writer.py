@@ -1,14 +1,15 @@
 """The writer: started for frames that must wait, parked when done, retired when idle.
 
 On asyncio with Python 3.12+ a frame pushed to an idle connection is sent
-inline (in an eager task of its own); without inline sends (``_eager_loop``
-returns None, as on Python 3.11 and trio) every frame is queued for the
-writer. The in-process transport suspends in every send, so here the
-writer is started on both paths. Each event below is published only after the
-client received the previous one. Both paths must deliver every frame, in
-order, retire the writer after a heartbeat interval of idleness (an idle
-connection holds no writer task), start it again for the next frame, and still
-close on demand.
+inline (in an eager task of its own); without inline sends (``_EAGER_TASKS``
+false, as on Python 3.11; or no asyncio loop, as under trio) every frame is
+queued for the writer, which parks on a bare future on asyncio and on an
+``anyio.Event`` elsewhere. The in-process transport suspends in every send, so
+here the writer is started on every path. Each event below is published only
+after the client received the previous one. Every path must deliver every
+frame, in order, retire the writer after a heartbeat interval of idleness (an
+idle connection holds no writer task), start it again for the next frame, and
+still close on demand.
 """
 
 from __future__ import annotations
@@ -37,22 +38,24 @@ EVENTS = 20
 
 
 async def test_inline_sends_are_enabled_on_asyncio_with_eager_tasks() -> None:
-    expected = asyncio.get_running_loop() if sys.version_info >= (3, 12) else None
-    assert connection_module._eager_loop() is expected
+    assert connection_module._EAGER_TASKS is (sys.version_info >= (3, 12))
+    assert connection_module._asyncio_loop() is asyncio.get_running_loop()
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "writer-only"])
-async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if inline and sys.version_info < (3, 12):
+@pytest.mark.parametrize("path", ["inline", "writer", "writer-on-event"])
+async def test_the_writer_parks_retires_and_starts_again(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "inline" and sys.version_info < (3, 12):
         pytest.skip("inline sends need eager tasks: run on Python 3.12+ (make test-core PYTHON=python3.12)")
-    if not inline:
-        monkeypatch.setattr(connection_module, "_eager_loop", lambda: None)
+    if path != "inline":
+        monkeypatch.setattr(connection_module, "_EAGER_TASKS", False)  # as on Python 3.11
+    if path == "writer-on-event":
+        monkeypatch.setattr(connection_module, "_asyncio_loop", lambda: None)  # as under trio
     replay = Replay(MemoryStore(), authorize=allow_all, heartbeat_interval=0.2)
     async with running(make_app(replay)) as app, connect(app) as client:
         with anyio.fail_after(10):
             await client.subscribe("t")
             [conn] = list(replay._registry.connections)
-            assert (conn._loop is not None) is inline
+            assert (conn._loop is not None) is (path != "writer-on-event")
             for round_ in range(2):
                 for i in range(EVENTS):
                     await replay.publish("t", "tick", {"i": i})
@@ -60,6 +63,8 @@ async def test_the_writer_parks_retires_and_starts_again(inline: bool, monkeypat
                     assert event["offset"] == round_ * EVENTS + i + 1
                     assert event["data"] == {"i": i}
                 assert conn._writer_state is WriterState.PARKED  # not ended, between events
+                wakeup_type = anyio.Event if path == "writer-on-event" else asyncio.Future
+                assert isinstance(conn._wakeup, wakeup_type)
                 # Idle for a heartbeat interval: a ping, and the writer ends.
                 assert await client.recv(within=2) == {"type": "ping"}
                 while conn._writer_state is not WriterState.ABSENT:  # noqa: ASYNC110
