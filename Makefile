@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(PYVERSION)-$(shell cat pyproject.toml | cksum | cu
 # The suites that need no browser, no uvicorn processes of their own and no chaos: unit and Redis.
 CORE := --ignore=tests/e2e --ignore=tests/browser --ignore=tests/chaos
 
-.PHONY: setup system demo test test-core lint typecheck pytest pytest-core clean
+.PHONY: setup system demo test test-core test-e2e lint typecheck pytest pytest-core clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYVERSION)" || { echo "make: PYTHON=$(PYTHON) is not a Python that runs here (give e.g. PYTHON=python3 or PYTHON=\$$(pyenv prefix 3.13.0)/bin/python3)" >&2; exit 1; }
@@ -52,6 +52,10 @@ test: system setup lint typecheck pytest
 
 # Types and the unit and Redis suites only (CI runs them on every supported Python).
 test-core: system setup typecheck pytest-core
+
+# The end-to-end suite (real server processes), e.g. on another Python than `make test`'s.
+test-e2e: system setup
+	$(BIN)/python -m pytest tests/e2e
 
 clean:
 	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache

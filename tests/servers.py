@@ -74,7 +74,8 @@ class UvicornServer:
     """One uvicorn process serving ``app`` on ``host:port`` (or, with ``server``, another ASGI server).
 
     ``server`` is ``uvicorn`` (``ws`` picks its WebSocket implementation),
-    ``hypercorn`` (asyncio worker), ``hypercorn-trio`` or ``granian``.
+    ``hypercorn`` (asyncio worker), ``hypercorn-trio``, ``granian`` or
+    ``daphne`` (which takes no factory: give it a module-level ``app``).
 
     ``env`` is added to this process's environment (values are turned into
     strings). ``log_path`` receives the server's stdout and stderr, appended
@@ -105,7 +106,7 @@ class UvicornServer:
         self.host = host
         self.port = port
         self.ws = ws
-        if server not in ("uvicorn", "hypercorn", "hypercorn-trio", "granian"):
+        if server not in ("uvicorn", "hypercorn", "hypercorn-trio", "granian", "daphne"):
             raise ValueError(f"unknown server {server!r}")
         self.server = server
         self.graceful_timeout = graceful_timeout
@@ -153,6 +154,10 @@ class UvicornServer:
             if self.server == "hypercorn-trio":
                 command += ["--worker-class", "trio"]
             return [*command, "--graceful-timeout", str(self.graceful_timeout), *self.extra_args]
+        if self.server == "daphne":
+            if self.factory:
+                raise ServerError("daphne takes no app factory: give app='module:app' and factory=False")
+            return [sys.executable, "-m", "daphne", "-b", self.host, "-p", str(port), *self.extra_args, self.app]
         if self.server == "granian":
             command = [sys.executable, "-m", "granian", "--interface", "asgi", self.app]
             command += ["--host", self.host, "--port", str(port), "--log-level", "info"]

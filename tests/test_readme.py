@@ -463,7 +463,7 @@ async def test_testing_your_app_async() -> None:
 
 
 async def test_a_server_without_lifespan_starts_the_replay_on_the_first_request() -> None:
-    # No LifespanManager: the app gets no lifespan events, as under daphne.
+    # No LifespanManager here: the app gets no lifespan events, as under daphne.
     module = load("no-lifespan")
     assert not module.replay.running
     transport = ASGIWebSocketTransport(app=module.app)
@@ -478,10 +478,27 @@ async def test_a_server_without_lifespan_starts_the_replay_on_the_first_request(
     finally:
         task = module.app.task
         assert task is not None
-        task.cancel()  # what the process's end does under daphne; here the Replay closes cleanly
+        task.cancel()  # what the process's end does under daphne; here the lifespan shuts down cleanly
         with anyio.fail_after(TIMEOUT):
             await asyncio.wait([task])
     assert task.cancelled() and not module.replay.running
+
+
+async def test_a_failed_startup_without_lifespan_fails_the_requests_instead_of_hanging_them() -> None:
+    module = load("no-lifespan")
+
+    @asynccontextmanager
+    async def broken(app: Any) -> AsyncIterator[None]:
+        raise RuntimeError("the database is down")
+        yield
+
+    app = module.LifespanOnFirstRequest(Starlette(routes=[module.replay.route("/ws")], lifespan=broken))
+    transport = ASGIWebSocketTransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        for _ in range(2):  # every request, not only the first
+            with anyio.fail_after(TIMEOUT), pytest.raises(Exception, match="database is down"):
+                await client.get("/")
+    assert app.task.done() and not module.replay.running
 
 
 async def test_a_handshake_before_the_replay_runs_says_how_to_start_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,14 +1,14 @@
-"""The core promise under every ASGI server users run (issue 14 item 4, in part).
+"""The core promise under every ASGI server users run (issue 14 item 4).
 
-One server process per kind: uvicorn (its default WebSocket implementation;
-``test_ws_impls.py`` covers its other two), hypercorn with its asyncio and trio
-workers, and granian. Under each: a foreign origin gets HTTP 403, events
+One server process per kind: uvicorn with each of its three WebSocket
+implementations (``test_ws_impls.py`` checks their frame limits and
+back-pressure too), hypercorn with its asyncio and trio workers, granian, and
+daphne (which runs no lifespan: the app is wrapped in the README's
+``LifespanOnFirstRequest``). Under each: a foreign origin gets HTTP 403, events
 stored while a client is away are replayed once, resumes under publish load
 lose nothing and repeat nothing, and shutdown (SIGTERM) closes every socket
 within a bound. What each server sends at shutdown differs (uvicorn 1012,
-hypercorn 1011, granian none): recorded, not required. daphne is not here: it
-runs no lifespan, and this version has no tested way to start the Replay
-under it.
+hypercorn 1011, granian and daphne none): recorded, not required.
 """
 
 from __future__ import annotations
@@ -39,18 +39,33 @@ def _kind(name: str, module: str) -> object:
 
 
 KINDS = [
-    _kind("uvicorn", "uvicorn"),
+    _kind("uvicorn", "uvicorn"),  # --ws auto: websockets-sansio
+    _kind("uvicorn-websockets", "websockets"),
+    _kind("uvicorn-wsproto", "wsproto"),
     _kind("hypercorn", "hypercorn"),
     _kind("hypercorn-trio", "trio"),
     _kind("granian", "granian"),
+    _kind("daphne", "daphne"),
 ]
+
+
+def _server_options(kind: str) -> dict[str, object]:
+    if kind.startswith("uvicorn-"):
+        return {"server": "uvicorn", "ws": kind.removeprefix("uvicorn-")}
+    if kind == "daphne":
+        return {"server": "daphne", "app": "tests.e2e.daphne_app:app", "factory": False}
+    return {"server": kind}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_the_core_promise_under_each_server(uvicorn_servers: ServerFactory, kind: str) -> None:
     # hypercorn's asyncio worker logs its own tasks' CancelledError tracebacks at shutdown;
     # the library's are still refused below.
-    server = uvicorn_servers(server=kind, env={"REPLAY_STORE": "memory"}, allow_errors=kind == "hypercorn")
+    server = uvicorn_servers(
+        **_server_options(kind),
+        env={"REPLAY_STORE": "memory"},
+        allow_errors=kind == "hypercorn",
+    )
     tab = Subscriber(server.ws_url(), [TOPIC], name="tab")
     other = Subscriber(server.ws_url(), [TOPIC], name="other")
     try:
