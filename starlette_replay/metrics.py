@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from .stores.base import Cursor, Health, Position
-
 __all__ = ["LAG_BUCKETS", "PUBLISH_BUCKETS", "Histogram", "Metrics", "RedisFigures", "ReplayCollector"]
 
 #: Upper bounds (seconds) of the publish latency histogram's buckets (+Inf follows).
@@ -39,6 +37,26 @@ LAG_SAMPLE_EVERY = 16
 RESUME_OUTCOMES = ("recovered", "epoch", "trimmed", "ahead", "reused_offset")
 
 _MISSING_CLIENT = "Replay.metrics_route() needs prometheus-client: pip install 'starlette-replay[metrics]'"
+
+
+class _Cursor(Protocol):
+    """A resume's cursor (``stores.base.Cursor``): this module imports nothing of the package."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+class _Position(Protocol):
+    """A topic's position (``stores.base.Position``)."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    @property
+    def head(self) -> int: ...
 
 
 class Histogram:
@@ -152,7 +170,7 @@ class Metrics:
         self.closes[label] = self.closes.get(label, 0) + 1
         self.frames_sent_closed += frames_sent
 
-    def resumed(self, cursor: Cursor | None, position: Position, recovered: bool, reason: str | None = None) -> None:
+    def resumed(self, cursor: _Cursor | None, position: _Position, recovered: bool, reason: str | None = None) -> None:
         """A subscribe resumed from ``cursor`` (sent or stored; None: not a resume, not counted)
         against the topic's ``position``.
 
@@ -216,7 +234,7 @@ class ReplayCollector:
         metrics: Metrics,
         stats: Callable[[], dict[str, int]],
         frames_sent_open: Callable[[], int],
-        health: Callable[[], Health],
+        ready: Callable[[], bool],
         store: object,
     ) -> None:
         try:
@@ -226,7 +244,7 @@ class ReplayCollector:
         self._metrics = metrics
         self._stats = stats
         self._frames_sent_open = frames_sent_open
-        self._health = health
+        self._ready = ready
         self._store = store
 
     def collect(self) -> Iterator[Metric]:
@@ -255,12 +273,9 @@ class ReplayCollector:
             return metric
 
         def histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
-            return HistogramMetricFamily(
-                f"starlette_replay_{name}", doc, buckets=hist.cumulative(), sum_value=hist.sum
-            )
+            return HistogramMetricFamily(f"starlette_replay_{name}", doc, buckets=hist.cumulative(), sum_value=hist.sum)
 
-        health = self._health()
-        yield gauge("ready", "1 while the Replay runs and its store answers (Replay.health()), else 0", health.ready)
+        yield gauge("ready", "1 while the Replay runs and its store answers (Replay.health()), else 0", self._ready())
         yield gauge("connections_open", "WebSocket connections open now", figures["connections"])
         yield counter("connections_opened", "WebSocket connections accepted", m.connections_opened)
         yield labelled(

@@ -298,7 +298,7 @@ class Replay:
             metrics=self.metrics,
             stats=self.stats,
             frames_sent_open=lambda: self._registry.frames_sent,
-            health=self.health,
+            ready=lambda: self.health().ready,
             store=self.store,
         )
 

@@ -1,0 +1,232 @@
+"""Metrics (issue 17): the exposition parses, and the counters move by exactly what a scripted scenario does.
+
+The scenario runs connections on fake sockets (``serve_fake``: what the endpoint
+does after accept, tracked in the registry the same way) so that every frame
+and every close is known; the figures are read through the real
+``metrics_route`` (Prometheus text, parsed by prometheus-client's parser) and,
+once the Replay has stopped, through ``replay.collector()`` in a registry of
+the test's own (the way an app serves them beside its other metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+
+from starlette_replay import (
+    Event,
+    InvalidEvent,
+    InvalidTopic,
+    MemoryStore,
+    NotRunning,
+    Replay,
+    StoreError,
+    StoreUnavailable,
+    allow_all,
+)
+from starlette_replay.metrics import LAG_SAMPLE_EVERY, Histogram, Metrics
+
+from .helpers import TIMEOUT, FakeWebSocket, serve_fake
+
+pytestmark = pytest.mark.anyio
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class FailingStore(MemoryStore):
+    """A MemoryStore whose next append raises ``fail`` (the store refusing or unreachable)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.fail: Exception | None = None
+
+    async def append(
+        self, topic: str, items: Sequence[tuple[str, str]], *, idempotency_key: str | None = None
+    ) -> list[Event]:
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        return await super().append(topic, items, idempotency_key=idempotency_key)
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("starlette_replay_"), family.name
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def scrape(app: Any, accept: str | None = None) -> httpx.Response:
+    headers = {"accept": accept} if accept else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://testserver") as http:
+        with anyio.fail_after(TIMEOUT):
+            response = await http.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def counters(samples: Samples) -> Samples:
+    """The counters and the histograms' counts: not the gauges, nor the timings (bucket
+    bounds other than +Inf, sums), which no script fixes."""
+    return {
+        key: v
+        for key, v in samples.items()
+        if key[0].endswith(("_total", "_count")) or (key[0].endswith("_bucket") and dict(key[1])["le"] == "+Inf")
+    }
+
+
+def c(name: str, v: float, **labels: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return (name, tuple(sorted(labels.items()))), float(v)
+
+
+async def test_the_counters_move_by_exactly_what_a_scripted_scenario_does() -> None:
+    store = FailingStore(history_size=4)
+    replay = Replay(store, authorize=allow_all, send_queue_size=8)
+    app = Starlette(routes=[replay.metrics_route("/metrics")])
+    sockets: dict[str, FakeWebSocket] = {}
+
+    async def subscribe(tg: anyio.abc.TaskGroup, name: str, frames: int, **frame: Any) -> FakeWebSocket:
+        ws = sockets[name] = FakeWebSocket()
+        tg.start_soon(serve_fake, replay, ws, name)
+        await ws.client_sends({"type": "subscribe", **frame})
+        await ws.wait_for(frames)
+        assert ws.sent[0]["type"] == "subscribed", ws.sent
+        return ws
+
+    async with replay:
+        before = counters(parse((await scrape(app)).text))
+        async with anyio.create_task_group() as tg:
+            a = await subscribe(tg, "a", 1, topic="t")
+            epoch = a.sent[0]["epoch"]
+            for i in range(16):
+                await replay.publish("t", "e", {"i": i})
+                await a.wait_for(2 + i)
+            with pytest.raises(InvalidTopic):
+                await replay.publish("bad topic", "e", 1)
+            with pytest.raises(InvalidEvent):
+                await replay.publish("t", "e", {1, 2})  # a set is not JSON
+            with pytest.raises(InvalidEvent):
+                await replay.publish("t", "e", 1, idempotency_key="")
+            store.fail = StoreUnavailable("Redis went away")
+            with pytest.raises(StoreUnavailable):
+                await replay.publish("t", "e", 1)
+            store.fail = StoreError("Redis refused it")
+            with pytest.raises(StoreError):
+                await replay.publish("t", "e", 1)
+            # history_size=4: offsets 13..16 are retained
+            await subscribe(tg, "recovered", 3, topic="t", epoch=epoch, offset=14)  # replays 15, 16
+            await subscribe(tg, "trimmed", 5, topic="t", epoch=epoch, offset=5)  # replays 13..16
+            await subscribe(tg, "epoch", 5, topic="t", epoch="another-epoch", offset=3)
+            await subscribe(tg, "ahead", 5, topic="t", epoch=epoch, offset=99)
+            await subscribe(tg, "rewind", 3, topic="t", rewind=2)  # not a resume: replays 15, 16
+            middle = parse((await scrape(app)).text)
+            assert value(middle, "starlette_replay_connections_open") == 6
+            assert value(middle, "starlette_replay_subscriptions") == 6
+            assert value(middle, "starlette_replay_topics") == 1
+            assert value(middle, "starlette_replay_frames_queued") == 0
+            assert value(middle, "starlette_replay_ready") == 1
+
+            slow = await subscribe(tg, "slow", 1, topic="s")
+            slow.stalled = True
+            for i in range(10):  # the first send hangs; past 8 queued live frames: 1013
+                await replay.publish("s", "e", i)
+            with anyio.fail_after(TIMEOUT):
+                await slow.closed.wait()
+            assert slow.closed_with is not None and slow.closed_with[0] == 1013
+            for name, ws in sockets.items():
+                if name != "slow":
+                    ws.inbox_send.close()  # the client leaves: the connection ends, peer first
+        for ws in sockets.values():
+            ws.close_streams()
+    with pytest.raises(NotRunning):
+        await replay.publish("t", "e", 1)
+
+    registry = CollectorRegistry()
+    registry.register(replay.collector())
+    final = parse(generate_latest(registry).decode())
+    after = counters(final)
+    moved = {key: v - before.get(key, 0.0) for key, v in after.items() if v != before.get(key, 0.0)}
+    live = 16 + 10
+    assert moved == dict(
+        [
+            c("starlette_replay_connections_opened_total", 7),
+            c("starlette_replay_connections_closed_total", 6, code="peer"),
+            c("starlette_replay_connections_closed_total", 1, code="1013"),
+            c("starlette_replay_slow_consumer_closes_total", 1),
+            # a: subscribed + 16; recovered 1 + 2; trimmed, epoch, ahead 1 + 4; rewind 1 + 2; slow: subscribed
+            c("starlette_replay_frames_sent_total", 17 + 3 + 5 + 5 + 5 + 3 + 1),
+            c("starlette_replay_publishes_total", live, outcome="ok"),
+            c("starlette_replay_publishes_total", 3, outcome="invalid"),
+            c("starlette_replay_publishes_total", 2, outcome="unavailable"),  # StoreUnavailable, NotRunning
+            c("starlette_replay_publishes_total", 1, outcome="error"),
+            c("starlette_replay_events_stored_total", live),
+            c("starlette_replay_publish_seconds_bucket", live, le="+Inf"),
+            c("starlette_replay_publish_seconds_count", live),
+            c("starlette_replay_live_events_total", live),
+            c("starlette_replay_deliver_lag_seconds_bucket", live // LAG_SAMPLE_EVERY, le="+Inf"),
+            c("starlette_replay_deliver_lag_seconds_count", live // LAG_SAMPLE_EVERY),
+            c("starlette_replay_replays_total", 5),
+            c("starlette_replay_events_replayed_total", 2 + 4 + 4 + 4 + 2),
+            c("starlette_replay_resumes_total", 1, outcome="recovered"),
+            c("starlette_replay_resumes_total", 1, outcome="trimmed"),
+            c("starlette_replay_resumes_total", 1, outcome="epoch"),
+            c("starlette_replay_resumes_total", 1, outcome="ahead"),
+        ]
+    )
+    # and the gauges are back to nothing, the Replay stopped
+    for gauge in ("connections_open", "subscriptions", "topics", "frames_queued", "ready"):
+        assert value(final, f"starlette_replay_{gauge}") == 0, gauge
+    assert value(final, "starlette_replay_resumes_total", outcome="reused_offset") == 0
+
+
+async def test_the_exposition_parses_as_prometheus_text_and_as_openmetrics() -> None:
+    replay = Replay(authorize=allow_all)
+    app = Starlette(routes=[replay.metrics_route("/metrics")])
+    async with replay:
+        await replay.publish("t", "e", 1)
+        plain = await scrape(app)
+        assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert plain.headers["cache-control"] == "no-store"
+        families = {family.name: family for family in text_string_to_metric_families(plain.text)}
+        assert families["starlette_replay_publishes"].type == "counter"
+        assert families["starlette_replay_connections_open"].type == "gauge"
+        assert families["starlette_replay_publish_seconds"].type == "histogram"
+        assert all(name.startswith("starlette_replay_") for name in families)
+        # no Redis figures for a MemoryStore
+        assert not any(name.startswith("starlette_replay_redis_") for name in families)
+
+        om = await scrape(app, accept="application/openmetrics-text; version=1.0.0")
+        assert om.headers["content-type"].startswith("application/openmetrics-text")
+        parsed = {family.name: family for family in openmetrics_families(om.text)}
+        assert set(parsed) == set(families)
+        buckets = [s for s in parsed["starlette_replay_publish_seconds"].samples if s.name.endswith("_bucket")]
+        assert [s.value for s in buckets] == sorted(s.value for s in buckets)  # cumulative
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 1
+
+
+def test_histogram_buckets_are_le_and_cumulative() -> None:
+    hist = Histogram((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 3.0):
+        hist.observe(seconds)
+    assert hist.counts == [2, 2, 1]  # a value equal to a bound is in that bound's bucket
+    assert hist.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
+    assert hist.count == 5 and hist.sum == pytest.approx(4.65)
+
+
+def test_the_counters_object_has_no_dict() -> None:
+    # bumped on the hot path: attribute slots, no per-instance dict to grow
+    assert not hasattr(Metrics(), "__dict__")
