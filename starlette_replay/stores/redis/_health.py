@@ -50,16 +50,21 @@ class Probe:
         self._ticked = anyio.Event()
 
     async def run(self) -> None:
-        """Publish a probe every ``interval`` (one at a time) until cancelled."""
+        """Publish a probe every ``interval`` (one at a time) until cancelled.
+
+        The first goes out one interval after the start, not at once: the store's
+        first commands (the durability check, the app's first publishes) find its
+        connection idle rather than open a second one beside a probe.
+        """
         self.running = True
         try:
             async with anyio.create_task_group() as tg:
                 while True:
+                    self._tick()
+                    await anyio.sleep(self.interval)
                     if not self._sending:
                         self._sending = True
                         tg.start_soon(self._send)
-                    self._tick()
-                    await anyio.sleep(self.interval)
         finally:
             self.running = False
             self.answered_at = self.received_at = None
