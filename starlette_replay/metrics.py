@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -35,6 +35,8 @@ LAG_SAMPLE_EVERY = 16
 
 # Why a resume was not recovered: the protocol's cases, and the label each has.
 RESUME_OUTCOMES = ("recovered", "epoch", "trimmed", "ahead", "reused_offset")
+
+T = TypeVar("T")
 
 _MISSING_CLIENT = "Replay.metrics_route() needs prometheus-client: pip install 'starlette-replay[metrics]'"
 
@@ -226,6 +228,11 @@ class ReplayCollector:
     ``prometheus_client.REGISTRY.register(replay.collector())`` (one per Replay:
     two would report the same names). Raises ``ImportError`` without
     prometheus-client.
+
+    Safe to scrape from any thread (prometheus-client's own HTTP server runs
+    in one): the figures are read where ``on_loop`` runs a function, on the
+    Replay's event loop thread while it runs, since the connections, topics
+    and queues they are read from change there.
     """
 
     def __init__(
@@ -236,6 +243,7 @@ class ReplayCollector:
         frames_sent_open: Callable[[], int],
         ready: Callable[[], bool],
         store: object,
+        on_loop: Callable[[Callable[[], list[Metric]]], list[Metric]] = lambda read: read(),
     ) -> None:
         try:
             import prometheus_client  # noqa: F401
@@ -246,9 +254,16 @@ class ReplayCollector:
         self._frames_sent_open = frames_sent_open
         self._ready = ready
         self._store = store
+        self._on_loop = on_loop
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, read now (prometheus-client calls it on every scrape)."""
+        yield from self._on_loop(self._families)
+
+    def _families(self) -> list[Metric]:
+        return list(self._read())
+
+    def _read(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         m = self._metrics

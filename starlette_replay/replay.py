@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["Authorize", "Identify", "Replay", "Snapshot", "allow_all"]
 
 logger = logging.getLogger("starlette_replay.replay")
+
+T = TypeVar("T")
 
 
 _SNAPSHOT_ATTEMPTS = 5
@@ -300,7 +303,15 @@ class Replay:
             frames_sent_open=lambda: self._registry.frames_sent,
             ready=lambda: self.health().ready,
             store=self.store,
+            on_loop=self._on_loop,
         )
+
+    def _on_loop(self, read: Callable[[], T]) -> T:
+        """``read()`` on the event loop's thread while the Replay runs (from another thread, it waits for it)."""
+        token, thread = self._loop.token, self._loop.thread
+        if token is None or threading.get_ident() == thread:
+            return read()
+        return anyio.from_thread.run_sync(read, token=token)
 
     def metrics_route(self, path: str = "/metrics", *, name: str | None = None) -> Route:
         """A route serving this Replay's metrics in the Prometheus text format (or OpenMetrics when asked).

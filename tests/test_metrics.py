@@ -10,19 +10,24 @@ the test's own (the way an app serves them beside its other metrics).
 
 from __future__ import annotations
 
+import threading
+import urllib.request
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from starlette_replay import (
     Event,
+    EventStore,
+    Health,
     InvalidEvent,
     InvalidTopic,
     MemoryStore,
@@ -35,6 +40,7 @@ from starlette_replay import (
 from starlette_replay.metrics import LAG_SAMPLE_EVERY, Histogram, Metrics
 
 from .helpers import TIMEOUT, FakeWebSocket, serve_fake
+from .redis_server import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -230,3 +236,116 @@ def test_histogram_buckets_are_le_and_cumulative() -> None:
 def test_the_counters_object_has_no_dict() -> None:
     # bumped on the hot path: attribute slots, no per-instance dict to grow
     assert not hasattr(Metrics(), "__dict__")
+
+
+class ThreadRecordingStore(MemoryStore):
+    """A MemoryStore that records the thread its health is read on (the collector reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.health_threads: list[int] = []
+
+    def health(self) -> Health:
+        self.health_threads.append(threading.get_ident())
+        return super().health()
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        body: bytes = response.read()
+    return body.decode()
+
+
+async def test_a_scrape_from_another_thread_reads_the_figures_on_the_event_loop_thread() -> None:
+    # prometheus-client's own HTTP server scrapes from a thread of its own, while the
+    # connections and queues the figures come from change on the event loop's thread.
+    store = ThreadRecordingStore()
+    replay = Replay(store, authorize=allow_all)
+    async with replay:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(replay.collector())
+        port = free_port()
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        try:
+            await replay.publish("t", "e", 1)
+            text = await anyio.to_thread.run_sync(fetch, f"http://127.0.0.1:{port}/metrics")
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(TIMEOUT)
+    assert value(parse(text), "starlette_replay_publishes_total", outcome="ok") == 1
+    assert store.health_threads == [threading.get_ident()]
+
+
+@asynccontextmanager
+async def metrics_port(replay: Replay, ports: range) -> Any:
+    """docs/operations.md's recipe for ``uvicorn --workers``: each worker serves its own
+    metrics on the first free port of a range (kept in step with the docs)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(replay.collector())
+    for port in ports:
+        try:
+            server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+            break
+        except OSError:  # taken by another worker
+            continue
+    else:
+        raise RuntimeError(f"no free metrics port in {ports}")
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+async def test_the_workers_recipe_gives_each_worker_a_port_of_its_own() -> None:
+    first = free_port()
+    ports = range(first, first + 3)
+    one, two = Replay(authorize=allow_all), Replay(authorize=allow_all)
+    async with one, two, metrics_port(one, ports) as port_one, metrics_port(two, ports) as port_two:
+        assert port_one != port_two
+        await one.publish("t", "e", 1)
+        await two.publish_many("t", [("e", 1), ("e", 2)])
+        texts = [
+            await anyio.to_thread.run_sync(fetch, f"http://127.0.0.1:{port}/metrics") for port in (port_one, port_two)
+        ]
+    assert [value(parse(text), "starlette_replay_events_stored_total") for text in texts] == [1, 2]
+
+
+class StoreWithoutHealth:
+    """An EventStore with no ``health()`` (a third party's): it is taken as ready."""
+
+    def __init__(self) -> None:
+        inner = MemoryStore()
+        for name in ("connect", "subscribe", "unsubscribe", "append", "read", "position"):
+            setattr(self, name, getattr(inner, name))
+        for name in ("load_cursor", "save_cursor", "aclose"):
+            setattr(self, name, getattr(inner, name))
+
+
+async def test_health_of_a_replay_by_store_and_lifecycle() -> None:
+    replay = Replay(authorize=allow_all)
+    app = Starlette(routes=[replay.health_route("/health")])
+
+    async def get() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://testserver") as http:
+            with anyio.fail_after(TIMEOUT):
+                return await http.get("/health")
+
+    assert replay.health() == Health(False, {"replay": "not running"})
+    response = await get()
+    assert (response.status_code, response.json()) == (503, {"ready": False, "checks": {"replay": "not running"}})
+    async with replay:
+        # a MemoryStore is this process's memory: ready whenever the process answers
+        assert replay.health() == Health(True, {"replay": "running", "store": "ok (in memory)"})
+        response = await get()
+        assert response.status_code == 200 and response.json()["ready"] is True
+        assert response.headers["cache-control"] == "no-store"
+    assert not replay.health().ready
+
+    bare = StoreWithoutHealth()
+    assert isinstance(bare, EventStore)
+    other = Replay(bare, authorize=allow_all)  # type: ignore[arg-type]
+    async with other:
+        assert other.health() == Health(True, {"replay": "running", "store": "no health check"})
