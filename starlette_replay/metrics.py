@@ -172,6 +172,18 @@ class Metrics:
         self.closes[label] = self.closes.get(label, 0) + 1
         self.frames_sent_closed += frames_sent
 
+    def subscribed(
+        self, cursor: _Cursor | None, position: _Position, start: int, recovered: bool, reason: str | None = None
+    ) -> None:
+        """A subscribe answered: it replays from ``start`` up to the head of ``position``, and
+        resumed from ``cursor`` (sent or stored; None: not a resume).
+
+        Counts a replay when there is one, and the resume by its outcome (see :meth:`resumed`).
+        """
+        if start < position.head:
+            self.replays += 1
+        self.resumed(cursor, position, recovered, reason)
+
     def resumed(self, cursor: _Cursor | None, position: _Position, recovered: bool, reason: str | None = None) -> None:
         """A subscribe resumed from ``cursor`` (sent or stored; None: not a resume, not counted)
         against the topic's ``position``.

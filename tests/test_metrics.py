@@ -139,9 +139,11 @@ async def test_the_counters_move_by_exactly_what_a_scripted_scenario_does() -> N
             await subscribe(tg, "epoch", 5, topic="t", epoch="another-epoch", offset=3)
             await subscribe(tg, "ahead", 5, topic="t", epoch=epoch, offset=99)
             await subscribe(tg, "rewind", 3, topic="t", rewind=2)  # not a resume: replays 15, 16
+            # the event at offset 14 has another time than the client's: the offset was reused
+            await subscribe(tg, "reused", 5, topic="t", epoch=epoch, offset=14, time=1)
             middle = parse((await scrape(app)).text)
-            assert value(middle, "starlette_replay_connections_open") == 6
-            assert value(middle, "starlette_replay_subscriptions") == 6
+            assert value(middle, "starlette_replay_connections_open") == 7
+            assert value(middle, "starlette_replay_subscriptions") == 7
             assert value(middle, "starlette_replay_topics") == 1
             assert value(middle, "starlette_replay_frames_queued") == 0
             assert value(middle, "starlette_replay_ready") == 1
@@ -169,12 +171,13 @@ async def test_the_counters_move_by_exactly_what_a_scripted_scenario_does() -> N
     live = 16 + 10
     assert moved == dict(
         [
-            c("starlette_replay_connections_opened_total", 7),
-            c("starlette_replay_connections_closed_total", 6, code="peer"),
+            c("starlette_replay_connections_opened_total", 8),
+            c("starlette_replay_connections_closed_total", 7, code="peer"),
             c("starlette_replay_connections_closed_total", 1, code="1013"),
             c("starlette_replay_slow_consumer_closes_total", 1),
-            # a: subscribed + 16; recovered 1 + 2; trimmed, epoch, ahead 1 + 4; rewind 1 + 2; slow: subscribed
-            c("starlette_replay_frames_sent_total", 17 + 3 + 5 + 5 + 5 + 3 + 1),
+            # a: subscribed + 16; recovered 1 + 2; trimmed, epoch, ahead 1 + 4; rewind 1 + 2; reused 1 + 4;
+            # slow: subscribed
+            c("starlette_replay_frames_sent_total", 17 + 3 + 5 + 5 + 5 + 3 + 5 + 1),
             c("starlette_replay_publishes_total", live, outcome="ok"),
             c("starlette_replay_publishes_total", 3, outcome="invalid"),
             c("starlette_replay_publishes_total", 2, outcome="unavailable"),  # StoreUnavailable, NotRunning
@@ -185,18 +188,18 @@ async def test_the_counters_move_by_exactly_what_a_scripted_scenario_does() -> N
             c("starlette_replay_live_events_total", live),
             c("starlette_replay_deliver_lag_seconds_bucket", live // LAG_SAMPLE_EVERY, le="+Inf"),
             c("starlette_replay_deliver_lag_seconds_count", live // LAG_SAMPLE_EVERY),
-            c("starlette_replay_replays_total", 5),
-            c("starlette_replay_events_replayed_total", 2 + 4 + 4 + 4 + 2),
+            c("starlette_replay_replays_total", 6),
+            c("starlette_replay_events_replayed_total", 2 + 4 + 4 + 4 + 2 + 4),
             c("starlette_replay_resumes_total", 1, outcome="recovered"),
             c("starlette_replay_resumes_total", 1, outcome="trimmed"),
             c("starlette_replay_resumes_total", 1, outcome="epoch"),
             c("starlette_replay_resumes_total", 1, outcome="ahead"),
+            c("starlette_replay_resumes_total", 1, outcome="reused_offset"),
         ]
     )
     # and the gauges are back to nothing, the Replay stopped
     for gauge in ("connections_open", "subscriptions", "topics", "frames_queued", "ready"):
         assert value(final, f"starlette_replay_{gauge}") == 0, gauge
-    assert value(final, "starlette_replay_resumes_total", outcome="reused_offset") == 0
 
 
 async def test_the_exposition_parses_as_prometheus_text_and_as_openmetrics() -> None:
