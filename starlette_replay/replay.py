@@ -320,11 +320,12 @@ class Replay:
         workers). Raises ``ImportError`` without prometheus-client (the
         ``metrics`` extra), when called.
         """
+        collector = self.collector()  # first: without prometheus-client, its ImportError names the extra
         from prometheus_client import CollectorRegistry
         from prometheus_client.exposition import choose_encoder
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self.collector())
+        registry.register(collector)
 
         async def metrics(request: Request) -> Response:
             encode, content_type = choose_encoder(request.headers.get("accept", ""))

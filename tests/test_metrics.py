@@ -10,6 +10,7 @@ the test's own (the way an app serves them beside its other metrics).
 
 from __future__ import annotations
 
+import sys
 import threading
 import urllib.request
 from collections.abc import Sequence
@@ -352,3 +353,13 @@ async def test_health_of_a_replay_by_store_and_lifecycle() -> None:
     other = Replay(bare, authorize=allow_all)  # type: ignore[arg-type]
     async with other:
         assert other.health() == Health(True, {"replay": "running", "store": "no health check"})
+
+
+def test_without_prometheus_client_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import prometheus_client now fails
+    replay = Replay()
+    with pytest.raises(ImportError, match=r"pip install 'starlette-replay\[metrics\]'"):
+        replay.metrics_route()
+    with pytest.raises(ImportError, match=r"starlette-replay\[metrics\]"):
+        replay.collector()
+    assert replay.health().ready is False  # health needs nothing installed
