@@ -458,6 +458,7 @@ class Connection:
                     return
                 self._unfinished = False
                 self._head += 1
+                self._sent += 1  # counted as sent (metrics), the live ones too: nothing waits on them now
 
     async def _send(self, frame: str) -> bool:
         """Send one text frame from the calling task (see :func:`_asgi_send`).

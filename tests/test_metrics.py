@@ -363,3 +363,28 @@ def test_without_prometheus_client_the_error_names_the_extra(monkeypatch: pytest
     with pytest.raises(ImportError, match=r"starlette-replay\[metrics\]"):
         replay.collector()
     assert replay.health().ready is False  # health needs nothing installed
+
+
+async def test_frames_sent_is_what_the_socket_took_across_a_shutdown_with_events_in_flight() -> None:
+    # Events queued for a woken writer and a shutdown in the same step: whoever sends
+    # them (the writer's last turn, or the clean-up's flush before the close frame),
+    # every frame the socket took is counted once, and nothing else.
+    replay = Replay(authorize=allow_all)
+    ws = FakeWebSocket()
+    async with anyio.create_task_group() as tg:
+        await replay.__aenter__()
+        try:
+            tg.start_soon(serve_fake, replay, ws, "flushed")
+            await ws.client_sends({"type": "subscribe", "topic": "t"})
+            await ws.wait_for(1)
+            await replay.publish_many("t", [("e", i) for i in range(20)])  # delivered, not yet sent
+        finally:
+            await replay.aclose()  # aborts every connection before anything else runs
+    ws.close_streams()
+    assert ws.closed_with is not None and ws.closed_with[0] == 1001
+    assert [frame.get("offset") for frame in ws.sent[1:]] == list(range(1, 21))
+    registry = CollectorRegistry()
+    registry.register(replay.collector())
+    final = parse(generate_latest(registry).decode())
+    assert value(final, "starlette_replay_frames_sent_total") == len(ws.sent) == 21
+    assert value(final, "starlette_replay_connections_closed_total", code="1001") == 1
