@@ -88,7 +88,11 @@ async def test_a_frozen_redis_makes_the_replay_unready_and_it_comes_back(
             assert body["ready"] is False
             assert body["checks"]["redis_commands"].startswith("no answer to the probe for")
             assert body["checks"]["redis_listener"].startswith("no probe received for")
-            # the probe's PUBLISH waits for its answer: a command in flight
+            # the probe's PUBLISH waits for its answer: a command in flight (between a probe
+            # given up after publish_timeout and the next one, none: wait for one)
+            with anyio.fail_after(BAD_WITHIN):
+                while store.commands_in_flight < 1:
+                    await store._probe.changed()
             families = {f.name: f for f in text_string_to_metric_families((await get("/metrics")).text)}
             assert families["starlette_replay_ready"].samples[0].value == 0
             assert families["starlette_replay_redis_commands_in_flight"].samples[0].value >= 1
