@@ -69,7 +69,8 @@ class RedisStore:
     returns or raises :class:`~starlette_replay.StoreUnavailable`. ``cursor_ttl``:
     seconds a server-side cursor is kept after its last save.
     ``health_check_interval``: seconds between pings on the live connection (a
-    connection silent for twice that is reopened). ``connections``: how many
+    connection silent for twice that is reopened); the health probe
+    (:meth:`health`) runs every fifth of it. ``connections``: how many
     connections carry the store's commands, pipelined (any number of commands
     in flight on each); the live side uses one more. So a process holds at most
     ``connections + 1`` connections to Redis, whatever the number of topics,
