@@ -13,9 +13,12 @@ Usage (from the repository root, after ``bench/setup.sh`` for the peers)::
 
 Options: ``--reps 3`` (medians of that many runs), ``--quick`` (tiny sizes, for
 the smoke test), ``--contenders a,b``, ``--clients 100,1000`` (only these sizes: fanout's and
-topics' clients, publish-topics' publishers). Each server is a uvicorn process of its
-own (uvloop, httptools, ``--ws websockets-sansio``, which is what ``--ws auto``
-picks with websockets installed), started fresh for every measurement on a free
+topics' clients, publish-topics' publishers), ``--scrape`` (fanout and topics: each of the
+library's contenders runs twice per measurement, as itself and as ``<name>+scrape``, whose
+``/metrics`` is scraped every second from a thread of the runner while the client runs; the
+table gives the scraped runs' ratio to the same contender's unscraped ones in the same run).
+Each server is a uvicorn process of its own (uvloop, httptools, ``--ws websockets-sansio``,
+which is what ``--ws auto`` picks with websockets installed), started fresh for every measurement on a free
 port of 127.0.0.1; the lean client (``bench/client.py``) runs in another
 process. The runner starts its own redis-server on a free port in a temporary
 directory (``appendonly yes``, ``appendfsync everysec``). Every step has a
@@ -43,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,7 @@ class Config:
     contenders: list[str] = field(default_factory=lambda: list(CONTENDERS))
     verbose: bool = True
     sizes: list[int] = field(default_factory=list)  # fanout, topics, publish-topics: only these sizes (empty: all)
+    scrape: bool = False  # fanout, topics: the library's contenders also run with /metrics scraped every second
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -370,6 +374,66 @@ def server(contender: Contender, redis_url: str, workdir: Path) -> Iterator[Serv
         _stop(process)
 
 
+class Scraper:
+    """GETs ``/metrics`` of ``srv`` once at entry, then every ``interval`` seconds from a
+    thread while in the ``with`` block, as Prometheus would. ``scrapes``: how many
+    answered 200; one that failed (another status, a timeout) raises at exit."""
+
+    def __init__(self, srv: Server, interval: float = 1.0) -> None:
+        self.srv = srv
+        self.interval = interval
+        self.scrapes = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-scraper", daemon=True)
+
+    def scrape(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200 or b"starlette_replay_" not in body:
+            raise BenchError(f"GET /metrics: {response.status} {body[:300]!r}")
+        self.scrapes += 1
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self.scrape()
+        except BaseException as exc:  # reported at exit
+            self.error = exc
+
+    def __enter__(self) -> Scraper:
+        self.scrape()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        if self._thread.is_alive():
+            raise BenchError("the metrics scraper did not stop")
+        if self.error is not None and exc_info[0] is None:
+            raise BenchError(f"the metrics scraper failed: {self.error!r}") from self.error
+
+
+def _variants(cfg: Config, contenders: list[Contender]) -> list[tuple[Contender, bool]]:
+    """Each contender unscraped; with ``--scrape``, the library's also scraped, right after."""
+    out = []
+    for contender in contenders:
+        out.append((contender, False))
+        if cfg.scrape and contender.kind == "replay":
+            out.append((contender, True))
+    return out
+
+
+def _scraping(srv: Server, scraped: bool) -> AbstractContextManager[Scraper | None]:
+    return Scraper(srv) if scraped else nullcontext()
+
+
 def client(
     srv: Server, *args: str, timeout: float = 120.0, kind: str | None = None, path: str = "/ws"
 ) -> dict[str, Any]:
@@ -421,19 +485,23 @@ def bench_fanout(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
     rows = []
     for rep in range(cfg.reps):
         for clients, events in sizes:
-            for contender in _runnable(cfg, list(CONTENDERS)):
+            for contender, scraped in _variants(cfg, _runnable(cfg, list(CONTENDERS))):
+                name = contender.name + ("+scrape" if scraped else "")
                 with server(contender, redis_url, workdir) as srv:
                     warm_up(srv)
                     cpu = srv.cpu_seconds()
-                    r = client(srv, "--clients", str(clients), "--events", str(events), "--topic", topic())
+                    with _scraping(srv, scraped) as scraper:
+                        r = client(srv, "--clients", str(clients), "--events", str(events), "--topic", topic())
                     # the whole client run: its handshakes and subscribes too, not only the events
                     r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / events
+                    if scraper is not None:
+                        r["scrapes"] = scraper.scrapes
                 cfg.log(
-                    f"  fanout rep {rep} N={clients} {contender.name}: {r['rate']:.0f} ev/s "
+                    f"  fanout rep {rep} N={clients} {name}: {r['rate']:.0f} ev/s "
                     f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
                     f"closes {r['closes']}), server CPU {r['server_cpu_us']:.0f} µs per event"
                 )
-                rows.append({"contender": contender.name, "rep": rep, "clients": clients, **r})
+                rows.append({"contender": name, "rep": rep, "clients": clients, **r})
     return rows
 
 
@@ -567,12 +635,16 @@ def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
     rows = []
     for rep in range(cfg.reps):
         for clients, events in sizes:
-            for contender in _runnable(cfg, TOPICS_CONTENDERS):
+            for contender, scraped in _variants(cfg, _runnable(cfg, TOPICS_CONTENDERS)):
+                name = contender.name + ("+scrape" if scraped else "")
                 try:
                     with server(contender, redis_url, workdir) as srv:
                         warm_up(srv, "--distinct")
                         cpu = srv.cpu_seconds()
-                        with RedisClients(redis_url, interval=0.01 if cfg.quick else 0.05) as redis_clients:
+                        with (
+                            RedisClients(redis_url, interval=0.01 if cfg.quick else 0.05) as redis_clients,
+                            _scraping(srv, scraped) as scraper,
+                        ):
                             r = client(
                                 srv,
                                 *("--clients", str(clients), "--events", str(events), "--topic", topic()),
@@ -581,20 +653,22 @@ def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
                             )
                         # the whole client run (handshakes, subscribes), per event published (and delivered once)
                         r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / (clients * events)
+                        if scraper is not None:
+                            r["scrapes"] = scraper.scrapes
                 except BenchError as exc:  # reported as a failed run; the others go on
                     why = _failure(str(exc))
-                    cfg.log(f"  topics rep {rep} N={clients} {contender.name}: FAILED: {why}")
-                    rows.append({"contender": contender.name, "rep": rep, "clients": clients, "error": why})
+                    cfg.log(f"  topics rep {rep} N={clients} {name}: FAILED: {why}")
+                    rows.append({"contender": name, "rep": rep, "clients": clients, "error": why})
                     continue
                 r.update(redis_clients.report())
                 cfg.log(
-                    f"  topics rep {rep} N={clients} {contender.name}: {r['rate']:.0f} ev/s "
+                    f"  topics rep {rep} N={clients} {name}: {r['rate']:.0f} ev/s "
                     f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
                     f"closes {r['closes']}), server CPU {r['server_cpu_us']:.0f} µs per event, "
                     f"Redis connections seen {r['redis_connections']} ({r['redis_connections_before']} before, "
                     f"{r['redis_connections_opened']} opened)"
                 )
-                rows.append({"contender": contender.name, "rep": rep, "clients": clients, **r})
+                rows.append({"contender": name, "rep": rep, "clients": clients, **r})
     return rows
 
 
@@ -720,6 +794,12 @@ def summarize(benchmark: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]
             entry["failed"] = len(failed.pop((*group, name), []))
             if benchmark in CEILINGS:
                 entry["ceiling_ratio"] = entry["median"] / ceiling_median if ceiling_median else None
+            if name.endswith("+scrape"):  # --scrape: against the same contender unscraped, same run
+                unscraped = by_contender.get(name.removesuffix("+scrape"))
+                if unscraped:
+                    unscraped_median = statistics.median(_figure(r, figure) for r in unscraped)
+                    entry["unscraped_ratio"] = entry["median"] / unscraped_median
+                entry["scrapes"] = sum(r.get("scrapes", 0) for r in runs)
             if benchmark == "latency":
                 for extra in ("p50", "max"):
                     entry[extra] = statistics.median(_figure(r, extra) for r in runs)
@@ -757,6 +837,8 @@ def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
         if "ceiling_ratio" in entry:
             ceiling = "-" if entry["ceiling_ratio"] is None else f"{entry['ceiling_ratio']:.2f}x"
             extra += f"  {ceiling} of {CEILINGS[benchmark]}"
+        if "unscraped_ratio" in entry:
+            extra += f"  {entry['unscraped_ratio']:.3f}x unscraped ({entry['scrapes']} scrapes)"
         if "cpu_us" in entry:
             extra += f"  server CPU {entry['cpu_us']:.0f} µs/event"
         if "redis_connections" in entry:
@@ -792,6 +874,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--scrape",
+        action="store_true",
+        help="fanout, topics: also run the library's contenders with /metrics scraped every second",
+    )
+    parser.add_argument(
         "--clients",
         default="",
         help="fanout, topics, publish-topics: only these client (publisher) counts, e.g. 100,1000",
@@ -800,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so every server and redis-server started here is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     raise_nofile(65536)  # the servers and clients started from here inherit it
-    cfg = Config(quick=args.quick, reps=args.reps, contenders=args.contenders.split(","))
+    cfg = Config(quick=args.quick, reps=args.reps, contenders=args.contenders.split(","), scrape=args.scrape)
     cfg.sizes = [int(n) for n in args.clients.split(",") if n]
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from .events import Event
 from .protocol import CloseCode, ErrorCode
 from .publisher import Publisher
 from .replay import Replay, Snapshot, allow_all
-from .stores.base import Cursor, EventStore, Position
+from .stores.base import Cursor, EventStore, Health, Position
 from .stores.memory import MemoryStore
 from .stores.redis import RedisStore
 
@@ -29,6 +29,7 @@ __all__ = [
     "ErrorCode",
     "Event",
     "EventStore",
+    "Health",
     "InvalidEvent",
     "InvalidTopic",
     "MemoryStore",

@@ -189,6 +189,7 @@ class Connection:
         "_inline_count",
         "_inline_turn",
         "_loop",
+        "_metrics",
         "_progress",
         "_queue",
         "_queued",
@@ -232,6 +233,7 @@ class Connection:
         self.identity = identity
         self.id = conn_id
         self._hub = hub
+        self._metrics = hub.metrics
         self._store = store
         self._authorize = authorize
         self.limits = limits
@@ -277,6 +279,11 @@ class Connection:
     # --- the send queue (synchronous: called by the hub on the publish path) --------
 
     @property
+    def sent(self) -> int:
+        """Frames sent so far."""
+        return self._sent
+
+    @property
     def queued(self) -> int:
         """Frames waiting to be written, plus live events held back during replays."""
         return len(self._queue) - self._head + sum(len(sub.pending) for sub in self.subs.values())
@@ -287,7 +294,8 @@ class Connection:
             # A publisher that never waits (a loop over a MemoryStore) must let
             # the writers run before a prompt reader looks like a slow one.
             self._hub.backlogged = True
-            if self.live_queued > self.limits.send_queue_size:
+            if self.live_queued > self.limits.send_queue_size and self.close_code is None:
+                self._metrics.slow_consumer_closes += 1
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def push_live(self, frame: str) -> None:
@@ -450,6 +458,7 @@ class Connection:
                     return
                 self._unfinished = False
                 self._head += 1
+                self._sent += 1  # counted as sent (metrics), the live ones too: nothing waits on them now
 
     async def _send(self, frame: str) -> bool:
         """Send one text frame from the calling task (see :func:`_asgi_send`).
@@ -711,6 +720,7 @@ class Connection:
         oldest_cursor = pos.oldest - 1
         page_size = self.limits.replay_page_size
         first_page: list[Event] | None = None
+        reason: str | None = None  # why not recovered, when the position alone cannot tell (for metrics)
         try:
             if cursor is not None:
                 recovered = cursor.epoch == pos.epoch and oldest_cursor <= cursor.offset <= pos.head
@@ -733,6 +743,7 @@ class Connection:
                                 cursor.time,
                             )
                             recovered = False
+                            reason = "reused_offset"
                             start = oldest_cursor
                     # else: trimmed meanwhile, so it cannot tell; the read below finds the hole
             else:
@@ -751,6 +762,7 @@ class Connection:
         if first_page and first_page[0].epoch == pos.epoch and first_page[0].offset > start + 1:
             start = first_page[0].offset - 1
             recovered = False
+        self._metrics.subscribed(cursor, pos, start, recovered, reason)
         await self._reply(
             encode_subscribed(
                 topic,
@@ -784,6 +796,7 @@ class Connection:
             if page is None:
                 page = await store.read(topic, after, min(page_size, head - after))
             seq = 0
+            page_start = after
             for event in page:
                 if after == head:
                     break  # a trimmed store reads past the head: live events, held in the subscription
@@ -791,6 +804,7 @@ class Connection:
                     return after
                 seq = self._push(encode_event(event))
                 after = event.offset
+            self._metrics.events_replayed += after - page_start
             if not page:
                 return after
             # Keep one page in flight while reading the next, no more.

@@ -30,6 +30,7 @@ from typing import Protocol
 import anyio
 
 from .events import Event
+from .metrics import Metrics
 from .protocol import CloseCode, encode_event
 from .stores.base import EventStore
 
@@ -139,8 +140,9 @@ class _Topic:
 class Hub:
     """Routes a store's live events to local subscriptions."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()  # the connections count here too
         self._topics: dict[str, _Topic] = {}
         # Set by a connection whose live queue is half full: the publisher then
         # yields once before its next append so that the writers can drain.
@@ -166,6 +168,7 @@ class Hub:
         entry = self._topics.get(event.topic)
         if entry is None or not entry.subs:
             return
+        self.metrics.live_event(event.time)
         frame = encode_event(event)
         for sub in entry.subs:
             sub.offer(event, frame)

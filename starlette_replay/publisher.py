@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import anyio.from_thread
 import anyio.lowlevel
 
-from .errors import InvalidEvent, NotRunning
+from .errors import InvalidEvent, NotRunning, StoreError, StoreUnavailable
 from .events import Event
 from .hub import Hub
+from .metrics import Metrics
 from .protocol import check_event_type, check_topic, encode_data
 from .stores.base import EventStore
 
@@ -40,13 +42,14 @@ class Publisher:
     Replay's running loop.
     """
 
-    __slots__ = ("_hub", "_loop", "_max_event_size", "_store")
+    __slots__ = ("_hub", "_loop", "_max_event_size", "_metrics", "_store")
 
     def __init__(self, store: EventStore, hub: Hub, loop: RunningLoop, *, max_event_size: int) -> None:
         self._store = store
         self._hub = hub
         self._loop = loop
         self._max_event_size = max_event_size
+        self._metrics: Metrics = hub.metrics
 
     def _encode(self, topic: str, event_type: str, data: Any) -> str:
         raw = encode_data(data)
@@ -84,14 +87,22 @@ class Publisher:
         Same errors and cancellation as :meth:`publish`; an empty list stores
         nothing and returns ``[]``.
         """
-        check_topic(topic)
-        items = [(check_event_type(event_type), self._encode(topic, event_type, data)) for event_type, data in events]
-        key = idempotency_key
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
-            raise InvalidEvent("idempotency_key must be a string of 1-256 characters")
+        metrics = self._metrics
+        try:
+            check_topic(topic)
+            items = [
+                (check_event_type(event_type), self._encode(topic, event_type, data)) for event_type, data in events
+            ]
+            key = idempotency_key
+            if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
+                raise InvalidEvent("idempotency_key must be a string of 1-256 characters")
+        except ValueError:  # InvalidTopic, InvalidEvent
+            metrics.publishes_invalid += 1
+            raise
         if not items:
             return []
         if self._loop.token is None:
+            metrics.publishes_unavailable += 1
             raise NotRunning(
                 "the Replay is not running: pass lifespan=replay.lifespan to the app, or use `async with replay:`"
             )
@@ -102,7 +113,17 @@ class Publisher:
             # 1013. Before the append: cancelling here stores nothing.
             hub.backlogged = False
             await anyio.lowlevel.checkpoint()
-        return await self._store.append(topic, items, idempotency_key=idempotency_key)
+        start = time.perf_counter()
+        try:
+            stored = await self._store.append(topic, items, idempotency_key=idempotency_key)
+        except StoreUnavailable:
+            metrics.publishes_unavailable += 1
+            raise
+        except StoreError:
+            metrics.publishes_error += 1
+            raise
+        metrics.published(len(stored), time.perf_counter() - start)
+        return stored
 
     def publish_sync(self, topic: str, event_type: str, data: Any, *, idempotency_key: str | None = None) -> Event:
         """:meth:`publish` from a thread: a FastAPI ``def`` handler, a worker thread.

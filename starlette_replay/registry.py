@@ -18,6 +18,7 @@ import anyio
 from starlette.websockets import WebSocket
 
 from .connection import Connection
+from .metrics import Metrics
 from .protocol import CloseCode
 
 __all__ = ["Registry"]
@@ -40,9 +41,11 @@ class Registry:
         "close_timeout",
         "connections",
         "max_per_identity",
+        "metrics",
     )
 
-    def __init__(self, *, max_per_identity: int | None, close_timeout: float) -> None:
+    def __init__(self, *, max_per_identity: int | None, close_timeout: float, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.max_per_identity = max_per_identity
         self.close_timeout = close_timeout
         self.connections: set[Connection] = set()  # accepted and running
@@ -78,12 +81,14 @@ class Registry:
     def track(self, connection: Connection) -> None:
         """Count ``connection`` as open (stats, heartbeat, shutdown) until :meth:`untrack`."""
         self.connections.add(connection)
+        self.metrics.connections_opened += 1
         if not self.accepting:
             # Accepted while shutdown ran (or after): the hub no longer gets live events.
             connection.abort(CloseCode.GOING_AWAY, "server shutting down")
 
     def untrack(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        self.metrics.closed(connection.close_code, connection.sent)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
@@ -137,6 +142,11 @@ class Registry:
         with anyio.move_on_after(self.close_timeout + 1):
             for waiter in waiters:
                 await waiter.wait()
+
+    @property
+    def frames_sent(self) -> int:
+        """Frames the open connections have sent so far (the ended ones' are in ``metrics``)."""
+        return sum(connection.sent for connection in self.connections)
 
     @property
     def queued_frames(self) -> int:

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -24,10 +25,11 @@ from .endpoint import Endpoint, Identify
 from .errors import NotRunning, ReplayError
 from .events import Event
 from .hub import Hub
+from .metrics import Metrics, ReplayCollector
 from .protocol import CloseCode, check_topic
 from .publisher import Publisher, RunningLoop
 from .registry import Registry
-from .stores.base import Cursor, EventStore, Position
+from .stores.base import Cursor, EventStore, Health, HealthCheck, Position
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["Authorize", "Identify", "Replay", "Snapshot", "allow_all"]
 
 logger = logging.getLogger("starlette_replay.replay")
+
+T = TypeVar("T")
 
 
 _SNAPSHOT_ATTEMPTS = 5
@@ -130,10 +134,13 @@ class Replay:
             frame_burst=frame_burst,
             close_timeout=close_timeout,
         )
-        self.hub = Hub(self.store)
+        self.metrics = Metrics()  # the counters the parts bump; read by collector() at scrape time
+        self.hub = Hub(self.store, self.metrics)
         self._loop = RunningLoop()
         self._publisher = Publisher(self.store, self.hub, self._loop, max_event_size=max_event_size)
-        self._registry = Registry(max_per_identity=max_connections_per_identity, close_timeout=close_timeout)
+        self._registry = Registry(
+            max_per_identity=max_connections_per_identity, close_timeout=close_timeout, metrics=self.metrics
+        )
         self._endpoint = Endpoint(
             allowed_origins=self.allowed_origins,
             identify=identify,
@@ -265,6 +272,67 @@ class Replay:
 
         return Route(path, replay_js, methods=["GET", "HEAD"], name=name)
 
+    def health_route(self, path: str = "/health", *, name: str | None = None) -> Route:
+        """A route answering :meth:`health` as JSON: 200 when ready, 503 when not.
+
+        The body is ``{"ready": bool, "checks": {name: "ok" or what is wrong}}``.
+        Meant for a readiness probe (take the process out of the load balancer),
+        not a liveness one: a Redis outage makes every process unready at once,
+        and restarting them would not bring Redis back.
+        """
+
+        async def health(request: Request) -> Response:
+            found = self.health()
+            return JSONResponse(
+                {"ready": found.ready, "checks": found.checks},
+                status_code=200 if found.ready else 503,
+                headers={"cache-control": "no-store"},
+            )
+
+        return Route(path, health, methods=["GET", "HEAD"], name=name)
+
+    def collector(self) -> ReplayCollector:
+        """A prometheus-client collector of this Replay's figures, read at every scrape.
+
+        For an app that serves its own metrics: ``REGISTRY.register(replay.collector())``.
+        Raises ``ImportError`` without prometheus-client (the ``metrics`` extra).
+        """
+        return ReplayCollector(
+            metrics=self.metrics,
+            stats=self.stats,
+            frames_sent_open=lambda: self._registry.frames_sent,
+            ready=lambda: self.health().ready,
+            store=self.store,
+            on_loop=self._on_loop,
+        )
+
+    def _on_loop(self, read: Callable[[], T]) -> T:
+        """``read()`` on the event loop's thread while the Replay runs (from another thread, it waits for it)."""
+        token, thread = self._loop.token, self._loop.thread
+        if token is None or threading.get_ident() == thread:
+            return read()
+        return anyio.from_thread.run_sync(read, token=token)
+
+    def metrics_route(self, path: str = "/metrics", *, name: str | None = None) -> Route:
+        """A route serving this Replay's metrics in the Prometheus text format (or OpenMetrics when asked).
+
+        The figures are this process's (see docs/operations.md for several
+        workers). Raises ``ImportError`` without prometheus-client (the
+        ``metrics`` extra), when called.
+        """
+        collector = self.collector()  # first: without prometheus-client, its ImportError names the extra
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import choose_encoder
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+
+        async def metrics(request: Request) -> Response:
+            encode, content_type = choose_encoder(request.headers.get("accept", ""))
+            return Response(encode(registry), media_type=content_type, headers={"cache-control": "no-store"})
+
+        return Route(path, metrics, methods=["GET"], name=name)
+
     # --- publishing ----------------------------------------------------------------
 
     def publisher(self) -> Publisher:
@@ -386,6 +454,22 @@ class Replay:
             else:
                 return Snapshot(topic, position.epoch, position.head, events, complete=start == position.oldest - 1)
         raise ReplayError(f"the history of {topic!r} changed under every attempt to read it")
+
+    def health(self) -> Health:
+        """Whether this process can serve now: ready only while the Replay runs and its store answers.
+
+        A RedisStore is ready while its commands are answered and its listener
+        receives the probe it publishes to itself (every ``health_check_interval
+        / 5`` s) through its own pub/sub path: a listener that got none for
+        ``health_check_interval`` s is stalled. A MemoryStore is always ready;
+        a store without a ``health()`` of its own is taken as ready. Reads what
+        the checks found, without I/O: never blocks, never raises.
+        """
+        if not self.running:
+            return Health(False, {"replay": "not running"})
+        store = self.store
+        found = store.health() if isinstance(store, HealthCheck) else Health(True, {"store": "no health check"})
+        return Health(found.ready, {"replay": "running", **found.checks})
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""

@@ -60,6 +60,7 @@ OUR_ADDITIONS = {
     "Cursor",
     "ErrorCode",
     "EventStore",
+    "Health",  # what Replay.health() returns (issue 17)
     "NotRunning",
     "Position",
     "Snapshot",
@@ -85,7 +86,6 @@ def _kwargs_of(call: str) -> set[str]:
 PENDING_ADDITIONS = {
     "sse_route": "issue 15 (SSE)",
     "sse_endpoint": "issue 15 (SSE)",
-    "metrics_route": "issue 17 (metrics)",
     "mcp": "issue 16 (MCP event store)",
 }
 

@@ -23,6 +23,7 @@ LAYERS = {
     "_checks": 0,
     "errors": 0,
     "events": 1,
+    "metrics": 1,
     "protocol": 2,
     "stores": 2,
     "hub": 3,

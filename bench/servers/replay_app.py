@@ -19,6 +19,8 @@ this server holds the baselines that need the same Redis data:
   ceiling): the same EVALSHA on ONE connection, every topic's next append in
   one pipeline (``transaction=False``) per round.
 - ``POST /publish-topics``: the shared topics trigger (bench/servers/_common.py).
+- ``GET /metrics``: the library's metrics (``replay.metrics_route``), which
+  ``bench.run --scrape`` scrapes every second.
 - ``WS /raw``: the catch-up baseline: after a first frame
   ``{"topic": T, "after": N}`` it reads the topic's stream with XRANGE pages of
   500 and sends each entry as an ``event`` frame, no library involved.
@@ -230,6 +232,7 @@ app = Starlette(
         Route("/publish-bench", publish_bench, methods=["POST"]),
         Route("/publish-topics-bench", publish_topics_bench, methods=["POST"]),
         Route("/health", health),
+        replay.metrics_route("/metrics"),  # bench.run --scrape
     ],
     lifespan=lifespan,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Cursor, EventStore, LiveSink, Position
+from .base import Cursor, EventStore, Health, HealthCheck, LiveSink, Position
 from .memory import MemoryStore
 
-__all__ = ["Cursor", "EventStore", "LiveSink", "MemoryStore", "Position"]
+__all__ = ["Cursor", "EventStore", "Health", "HealthCheck", "LiveSink", "MemoryStore", "Position"]

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from ..events import Event
 
-__all__ = ["Cursor", "EventStore", "LiveSink", "Position"]
+__all__ = ["Cursor", "EventStore", "Health", "HealthCheck", "LiveSink", "Position"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,28 @@ class Cursor:
     epoch: str
     offset: int
     time: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Whether something can serve now (``ready``), and each check's finding.
+
+    ``checks`` maps a check's name to ``"ok"`` or to what is wrong, in words.
+    """
+
+    ready: bool
+    checks: dict[str, str]
+
+
+@runtime_checkable
+class HealthCheck(Protocol):
+    """A store that can tell whether it serves (optional: a store without it is taken as ready).
+
+    ``health()`` must not block: it reports what the store's own background
+    checks found (RedisStore probes itself through its pub/sub path).
+    """
+
+    def health(self) -> Health: ...
 
 
 class LiveSink(Protocol):

@@ -14,7 +14,7 @@ from itertools import islice
 
 from .._checks import check_int, check_seconds
 from ..events import Event
-from .base import Cursor, LiveSink, Position
+from .base import Cursor, Health, LiveSink, Position
 
 __all__ = ["MemoryStore"]
 
@@ -112,6 +112,10 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         self._sink = None
+
+    def health(self) -> Health:
+        """Always ready: the store is this process's memory, it answers whenever the process does."""
+        return Health(True, {"store": "ok (in memory)"})
 
     # --- live side ---------------------------------------------------------------
 

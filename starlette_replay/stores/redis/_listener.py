@@ -36,6 +36,8 @@ from ._codec import packer, parse_entries, parse_payload, redis_errors, text
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
+    from ._health import Probe
+
 __all__ = ["Listener"]
 
 logger = logging.getLogger("starlette_replay.stores.redis.listener")
@@ -94,6 +96,7 @@ class Listener:
         #: times the listener (re)connected, and resets it had to call; for tests and metrics
         self.reconnects = 0
         self.resets = 0
+        self.probe: Probe | None = None  # the store's self-check: its channel is subscribed on every connection
 
     # --- subscriptions --------------------------------------------------------------
 
@@ -166,6 +169,8 @@ class Listener:
                 if conn is not None:
                     with anyio.CancelScope(shield=True):
                         await conn.disconnect(nowait=True)
+                if self.probe is not None:
+                    self.probe.listener_lost()
             # 50 ms doubling up to 2 s, from the start again once a connection was
             # made (Redis is up: come back quickly).
             failures = 1 if self.reconnects != connected else failures + 1
@@ -190,6 +195,8 @@ class Listener:
         for state in self.topics.values():
             state.busy, state.held, state.confirm = False, [], False  # their tasks ended with the last connection
             self._queue("SUBSCRIBE", state.channel)
+        if self.probe is not None:
+            self._queue("SUBSCRIBE", self.probe.channel)
         async with anyio.create_task_group() as tg:
             self._tasks = tg
             tg.start_soon(self._write, conn)
@@ -253,6 +260,8 @@ class Listener:
         if kind == b"message":
             topic = self._by_channel.get(reply[1])
             if topic is None:
+                if self.probe is not None and reply[1] == self.probe.raw_channel:
+                    self.probe.received()
                 return
             state = self.topics[topic]
             if not state.based and not state.busy:

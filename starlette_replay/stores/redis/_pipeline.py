@@ -306,6 +306,11 @@ class Pipelines:
     def size(self) -> int:
         return len(self._slots)
 
+    @property
+    def in_flight(self) -> int:
+        """Commands submitted on the open connections and not answered yet."""
+        return sum(pipe.load for pipe in self._slots if pipe is not None and not pipe.closed)
+
     def _pick(self) -> Pipe:
         """The open pipe with the fewest commands owed; a new one in a free slot when all are busy."""
         best: Pipe | None = None

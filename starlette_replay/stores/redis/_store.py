@@ -22,10 +22,11 @@ import anyio
 from ..._checks import check_int, check_seconds
 from ...errors import StoreError, StoreUnavailable
 from ...events import Event
-from ..base import Cursor, LiveSink, Position
+from ..base import Cursor, Health, LiveSink, Position
 from . import _scripts
 from ._appends import Append, Coalescer
 from ._codec import config_value, packer, parse_entries, redis_errors, text, to_int
+from ._health import Probe
 from ._listener import Listener
 from ._pipeline import NotSent, Pipelines, ReplyLost
 
@@ -68,7 +69,8 @@ class RedisStore:
     returns or raises :class:`~starlette_replay.StoreUnavailable`. ``cursor_ttl``:
     seconds a server-side cursor is kept after its last save.
     ``health_check_interval``: seconds between pings on the live connection (a
-    connection silent for twice that is reopened). ``connections``: how many
+    connection silent for twice that is reopened); the health probe
+    (:meth:`health`) runs every fifth of it. ``connections``: how many
     connections carry the store's commands, pipelined (any number of commands
     in flight on each); the live side uses one more. So a process holds at most
     ``connections + 1`` connections to Redis, whatever the number of topics,
@@ -140,6 +142,13 @@ class RedisStore:
             publish_timeout=self.publish_timeout,
             health_check_interval=self.health_check_interval,
         )
+        self._probe = Probe(
+            prefix=prefix,
+            publish=lambda channel, message: self._execute("PUBLISH", channel, message),
+            interval=self.health_check_interval / 5,
+            stall_after=self.health_check_interval,
+        )
+        self._listener.probe = self._probe
 
     @property
     def reconnects(self) -> int:
@@ -150,6 +159,20 @@ class RedisStore:
     def resets(self) -> int:
         """Topics the live side reset: it could not vouch for their continuity."""
         return self._listener.resets
+
+    @property
+    def commands_in_flight(self) -> int:
+        """Commands sent to Redis (or about to be) and not answered yet (for metrics)."""
+        return self._pipes.in_flight
+
+    def health(self) -> Health:
+        """Ready while Redis answers the store's probe and the listener receives it (see ``_health``).
+
+        A probe is published every ``health_check_interval / 5`` s while
+        :meth:`connect` is entered; either side silent for
+        ``health_check_interval`` s is not ready. No I/O; never raises.
+        """
+        return self._probe.health()
 
     @classmethod
     def from_url(
@@ -438,6 +461,7 @@ class RedisStore:
             await self._check_durability()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listener.run)
+                tg.start_soon(self._probe.run)
                 if self.history_ttl is not None:
                     tg.start_soon(self._keep_watched_topics)
                 try:
