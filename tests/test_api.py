@@ -86,7 +86,6 @@ PENDING_ADDITIONS = {
     "sse_route": "issue 15 (SSE)",
     "sse_endpoint": "issue 15 (SSE)",
     "metrics_route": "issue 17 (metrics)",
-    "mcp": "issue 16 (MCP event store)",
 }
 
 
