@@ -31,6 +31,11 @@ another process) until the request's response, or, on the standalone stream,
 until the client goes. The SDK's own resume leaves a window between its replay
 and live delivery where messages are stored but not sent; this one has none.
 
+Every request makes a topic: give the store a ``history_ttl`` (e.g.
+``RedisStore.from_url(url, history_ttl=3600)``) so that finished streams
+leave it (a MemoryStore also forgets the least recently used past its
+``max_topics``).
+
 What it cannot promise: when the store lost the stream's history (a new
 epoch, trimmed past the cursor, a reused offset: see the wire protocol's
 "Reused offsets"), MCP has no way to tell the client, so the resume sends

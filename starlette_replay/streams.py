@@ -72,7 +72,10 @@ class TokenStream(Generic[T]):
     Leaving the block normally publishes what is buffered and waits for it; a
     publish that failed (``StoreUnavailable``, ``InvalidEvent``...) is raised
     from the block (the producer's code in it is cancelled) and from the next
-    :meth:`send`. ``events`` and ``tokens`` count what was published.
+    :meth:`send`. When the block raises (or is cancelled), the tokens still
+    buffered are dropped, not published, and the error goes on. ``events``
+    and ``tokens`` count what was published: after a failure, the stored text
+    is the first ``tokens`` tokens sent.
     """
 
     def __init__(

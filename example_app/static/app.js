@@ -127,8 +127,9 @@ function render(e) {
   } else if (e.event === "task_interaction") {
     li.className = `msg agent ${e.data.state}`;
     li.dataset.task = e.data.task_id;
-    li.textContent = e.data.state === "done" ? e.data.text : `Working on “${e.data.text}”…`;
-    if (e.data.state === "done") {
+    // the final marker of an answer whose start this page never saw (older than its snapshot) shows its text
+    li.textContent = e.data.state === "working" ? `Working on “${e.data.text}”…` : e.data.text;
+    if (e.data.state !== "working") {
       messages.querySelector(`li.agent.working[data-task="${CSS.escape(e.data.task_id)}"]`)?.classList.add("finished");
     }
   } else {

@@ -11,6 +11,7 @@ from mcp.server.streamable_http import EventMessage
 from mcp.types import JSONRPCNotification, JSONRPCResponse
 from starlette.types import Message, Receive, Scope, Send
 
+import starlette_replay.mcp
 from starlette_replay import MemoryStore, Replay
 from starlette_replay.mcp import ReplayEventStore
 
@@ -115,3 +116,4 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="poll_interval"):
         ReplayEventStore(Replay(), poll_interval=2, max_poll_interval=1)
     assert "prefix='mcp'" in repr(ReplayEventStore(Replay()))
+    assert starlette_replay.mcp.__all__ == ["ReplayEventStore"]
