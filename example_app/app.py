@@ -151,11 +151,12 @@ def create_app(
         """
         while True:
             events = await replay.history(topic, after=after, limit=1000)
-            if not events:
-                return False, after
-            after = events[-1].offset
+            if events:
+                after = events[-1].offset
             if any(e.event == "stop_requested" and e.data.get("task_id") == task_id for e in events):
                 return True, after
+            if len(events) < 1000:  # read up to the head: one read per token, as a rule
+                return False, after
 
     async def agent(topic: str, task_id: str, text: str) -> None:
         logs, answer = plan_answer(text)
