@@ -193,9 +193,10 @@ class ReplayEventStore(EventStore):
         """The ASGI app to serve in place of ``app`` (the SDK's Streamable HTTP app, or one mounting it).
 
         It tells this store which session each request belongs to, and answers
-        a ``GET`` whose ``Last-Event-ID`` is one of this store's ids itself,
-        from the store (see the module docstring). Other requests go to ``app``
-        unchanged.
+        a ``GET`` with an ``Mcp-Session-Id`` and a ``Last-Event-ID`` that is one
+        of this store's ids itself, from the store (see the module docstring);
+        a session that does not own the stream gets 404. Other requests go to
+        ``app`` unchanged.
         """
 
         async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -205,7 +206,8 @@ class ReplayEventStore(EventStore):
             headers = Headers(scope=scope)
             session = headers.get(_SESSION_HEADER)
             last_event_id = headers.get("last-event-id")
-            if scope["method"] == "GET" and last_event_id is not None:
+            if scope["method"] == "GET" and last_event_id is not None and session is not None:
+                # an MCP resume (other SSE routes of the app, without the session header, pass on)
                 cursor = self._parse(last_event_id)
                 if cursor is not None:
                     await self._serve_resume(cursor, session, receive, send)

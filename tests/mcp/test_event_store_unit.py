@@ -117,3 +117,25 @@ def test_options_are_checked() -> None:
         ReplayEventStore(Replay(), poll_interval=2, max_poll_interval=1)
     assert "prefix='mcp'" in repr(ReplayEventStore(Replay()))
     assert starlette_replay.mcp.__all__ == ["ReplayEventStore"]
+
+
+async def test_a_get_without_the_session_header_goes_to_the_app() -> None:
+    """Other SSE routes of the app keep their Last-Event-ID: only an MCP resume (with its session) is taken."""
+    async with Replay(MemoryStore()) as replay:
+        event_store = ReplayEventStore(replay)
+        (event_id,) = await store_in_session(event_store, [("1", progress(1))])
+        reached: list[str] = []
+
+        async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+            reached.append(scope["path"])
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            pass
+
+        headers = [(b"last-event-id", event_id.encode())]
+        scope = {"type": "http", "method": "GET", "path": "/sse", "headers": headers}
+        await event_store.wrap(inner)(scope, receive, send)
+        assert reached == ["/sse"]
