@@ -8,6 +8,9 @@ The tool ``count(steps, delay, close_at)`` reports progress ``1..steps``, one
 step every ``delay`` seconds, and answers ``"counted <steps>"``; at step
 ``close_at`` it closes the request's SSE stream (the SDK's server-side
 disconnect: the client reconnects with ``Last-Event-ID``), and goes on.
+The tool ``announce(count, delay)`` sends ``count`` session notifications
+(``resources/updated`` for ``mem://0`` ...), which travel on the session's
+standalone GET stream, one every ``delay`` seconds.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ def make_app() -> ASGIApp:
                 await ctx.close_sse_stream()
             await anyio.sleep(delay)
         return f"counted {steps}"
+
+    @server.tool()
+    async def announce(count: int, delay: float, ctx: Context) -> str:
+        for i in range(count):
+            await ctx.session.send_resource_updated(f"mem://{i}")
+            await anyio.sleep(delay)
+        return f"announced {count}"
 
     mcp_app = server.streamable_http_app(event_store=event_store, retry_interval=50)
 

@@ -99,17 +99,20 @@ class Session:
         assert done.status_code == 202, done.text
 
     def call(self, request_id: int, steps: int, delay: float) -> Any:
+        return self.tool(request_id, "count", {"steps": steps, "delay": delay, "close_at": 0})
+
+    def tool(self, request_id: int, name: str, arguments: dict[str, Any]) -> Any:
         body = {
             "jsonrpc": "2.0",
             "id": request_id,
             "method": "tools/call",
-            "params": {
-                "name": "count",
-                "arguments": {"steps": steps, "delay": delay, "close_at": 0},
-                "_meta": {"progressToken": f"p{request_id}"},
-            },
+            "params": {"name": name, "arguments": arguments, "_meta": {"progressToken": f"p{request_id}"}},
         }
         return self.http.stream("POST", self.url, json=body, headers=self.headers())
+
+    def listen(self) -> Any:
+        """The session's standalone GET stream (server notifications outside any request)."""
+        return self.http.stream("GET", self.url, headers=self.headers(accept="text/event-stream"))
 
     def resume(self, last_event_id: str, url: str | None = None, session: str | None = None) -> Any:
         headers = self.headers(**{"last-event-id": last_event_id})
@@ -189,3 +192,41 @@ async def test_sessions_with_the_same_request_ids_are_kept_apart(uvicorn_servers
             async with a.resume(last_of_a, session=a.id) as response:
                 assert response.status_code == 200  # its own: the stream is complete, nothing more comes
                 assert [data async for _, data in sse(response)] == []
+
+
+async def test_the_standalone_stream_resumes_after_the_client_went_away(uvicorn_servers: Any) -> None:
+    """Session notifications travel on the GET stream, which has no response to end it: a resume sends
+    what was missed, then follows the stream for as long as the client stays."""
+    server: UvicornServer = uvicorn_servers(app=APP)
+    url = f"{server.http_url}/mcp"
+
+    def uris(messages: list[dict[str, Any]]) -> list[str]:
+        return [m["params"]["uri"] for m in messages if m.get("method") == "notifications/resources/updated"]
+
+    with anyio.fail_after(30):
+        async with httpx2.AsyncClient(timeout=10) as http:
+            session = Session(http, url)
+            await session.open()
+            seen: list[dict[str, Any]] = []
+            last = None
+            async with session.listen() as stream:
+                assert stream.status_code == 200
+                async with session.tool(1, "announce", {"count": 10, "delay": 0.02}) as call:
+                    async for event_id, data in sse(stream):
+                        last = event_id or last
+                        if data is not None:
+                            seen.append(data)
+                        if len(uris(seen)) == 3:
+                            break  # the GET goes away; the tool goes on announcing
+                    done, _ = await read_until_response(call)
+            assert done[-1]["result"]["content"][0]["text"] == "announced 10"
+            assert last is not None and uris(seen) == ["mem://0", "mem://1", "mem://2"]
+            rest: list[dict[str, Any]] = []
+            async with session.resume(last) as stream:
+                assert stream.status_code == 200
+                async for _, data in sse(stream):
+                    if data is not None:
+                        rest.append(data)
+                    if len(uris(rest)) == 7:
+                        break
+    assert uris(seen + rest) == [f"mem://{i}" for i in range(10)], "every notification once, in order"
