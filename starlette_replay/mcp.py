@@ -143,6 +143,8 @@ class ReplayEventStore(EventStore):
         max_poll_interval: float = 1.0,
     ) -> None:
         check_topic(prefix)
+        if len(prefix) > 64:  # with a session and a stream segment, a topic stays within 256 characters
+            raise ValueError(f"prefix must be at most 64 characters, not {len(prefix)}")
         if not 0 < poll_interval <= max_poll_interval:
             raise ValueError("need 0 < poll_interval <= max_poll_interval (seconds)")
         self.replay = replay
@@ -179,6 +181,10 @@ class ReplayEventStore(EventStore):
         """
         cursor = self._parse(last_event_id)
         if cursor is None:
+            return None
+        current = _scope.get()
+        if current is None or not self._owns(cursor, current.namespace):
+            logger.warning("resume of %s refused: not this session's stream", cursor.topic)
             return None
 
         async def deliver(event_id: str, message: dict[str, Any]) -> None:
@@ -274,10 +280,11 @@ class ReplayEventStore(EventStore):
         A session's opening stream has a random name (``init.``...) of its own,
         made before the session had an id: knowing it is what allows it.
         """
-        if session is None:
-            return False
-        namespace = cursor.topic[len(self.prefix) + 1 :].split(":", 1)[0]
-        return namespace == _key(session) or namespace.startswith(_INIT)
+        return session is not None and self._owns(cursor, _key(session))
+
+    def _owns(self, cursor: _Cursor, namespace: str) -> bool:
+        stream_namespace = cursor.topic[len(self.prefix) + 1 :].split(":", 1)[0]
+        return stream_namespace == namespace or stream_namespace.startswith(_INIT)
 
     async def _start_after(self, cursor: _Cursor) -> int | None:
         """The offset to send from: the cursor's, or where the retained history starts when it is gone.

@@ -26,13 +26,11 @@ def progress(step: int) -> JSONRPCNotification:
     )
 
 
-async def store_in_session(event_store: ReplayEventStore, items: list[Any], session: str = SESSION) -> list[str]:
-    """Run ``store_event`` as the SDK does, inside a request of ``session`` served through ``wrap``."""
-    ids: list[str] = []
+async def in_session(event_store: ReplayEventStore, session: str, work: Any) -> None:
+    """Run ``work()`` as the SDK's calls run: inside a request of ``session`` served through ``wrap``."""
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        for stream_id, message in items:
-            ids.append(await event_store.store_event(stream_id, message))
+        await work()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -44,17 +42,32 @@ async def store_in_session(event_store: ReplayEventStore, items: list[Any], sess
 
     scope = {"type": "http", "method": "POST", "path": "/mcp", "headers": [(b"mcp-session-id", session.encode())]}
     await event_store.wrap(inner)(scope, receive, send)
+
+
+async def store_in_session(event_store: ReplayEventStore, items: list[Any], session: str = SESSION) -> list[str]:
+    """``store_event`` for each (stream id, message), in a request of ``session``; the event ids."""
+    ids: list[str] = []
+
+    async def work() -> None:
+        for stream_id, message in items:
+            ids.append(await event_store.store_event(stream_id, message))
+
+    await in_session(event_store, session, work)
     return ids
 
 
-async def replayed(event_store: ReplayEventStore, last_event_id: str) -> list[EventMessage]:
+async def replayed(event_store: ReplayEventStore, last_event_id: str, session: str = SESSION) -> list[EventMessage]:
+    """What ``replay_events_after`` sends, called (as the SDK does) in a request of ``session``."""
     sent: list[EventMessage] = []
 
     async def callback(message: EventMessage) -> None:
         sent.append(message)
 
-    with anyio.fail_after(5):
+    async def work() -> None:
         assert await event_store.replay_events_after(last_event_id, callback) is None
+
+    with anyio.fail_after(5):
+        await in_session(event_store, session, work)
     return sent
 
 
@@ -71,6 +84,9 @@ async def test_events_of_a_stream_replay_after_an_id_until_the_response() -> Non
         assert await replayed(event_store, ids[3]) == [], "after the response the stream is complete"
         assert await replayed(event_store, "not-ours:1:2:3") == []
         assert await replayed(event_store, f"mcp:{SESSION}:7:e:x:1") == []
+        assert await replayed(event_store, ids[0], session="another") == [], "another session's stream"
+        with pytest.raises(RuntimeError, match=r"event_store\.wrap"):
+            await event_store.store_event("7", progress(3))  # outside a request served through wrap
 
 
 async def test_a_resume_the_store_cannot_vouch_for_sends_what_it_holds_and_warns(
@@ -113,6 +129,8 @@ async def test_store_event_outside_wrap_is_refused() -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="topic"):
         ReplayEventStore(Replay(), prefix="has space")
+    with pytest.raises(ValueError, match="64 characters"):
+        ReplayEventStore(Replay(), prefix="p" * 65)
     with pytest.raises(ValueError, match="poll_interval"):
         ReplayEventStore(Replay(), poll_interval=2, max_poll_interval=1)
     assert "prefix='mcp'" in repr(ReplayEventStore(Replay()))
