@@ -193,3 +193,28 @@ def test_text_delta_and_exports() -> None:
     assert text_delta(["a", "b"], 7) == {"seq": 7, "count": 2, "text": "ab"}
     assert set(streams.__all__) == {"Publishes", "TokenStream", "text_delta"}
     assert "buffered=0" in repr(TokenStream(Replay(), TOPIC))
+
+
+async def test_a_publish_that_fails_while_leaving_the_block_is_raised(replay: Replay) -> None:
+    publisher = GatedPublisher(replay)
+    publisher.fail_at = 1
+    publisher.gate.set()
+    with anyio.fail_after(5), pytest.raises(StoreUnavailable):
+        async with TokenStream(publisher, TOPIC) as stream:
+            await stream.send("a")  # published (and failing) only after the body is done
+    assert await replay.history(TOPIC) == []
+    assert (stream.events, stream.tokens) == (0, 0)
+
+
+async def test_cancelling_the_producer_ends_the_stream_without_waiting_for_the_store(replay: Replay) -> None:
+    publisher = GatedPublisher(replay)  # the gate never opens: a store that hangs
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as scope:
+            async with TokenStream(publisher, TOPIC) as stream:
+                await stream.send("a")
+                await publisher.entered.wait()
+                await stream.send("b")
+                scope.cancel()
+                await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert (stream.events, stream.tokens) == (0, 0)
