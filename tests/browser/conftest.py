@@ -146,8 +146,9 @@ def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
 
 @pytest.fixture
 def stream_server(tmp_path: Path) -> Iterator[DemoServer]:
-    """The demo app streaming 10 tokens/s: an answer takes seconds, time to act in the middle of it."""
-    server = DemoServer(tmp_path, agent_delay=0.3, token_rate=10.0)
+    """The demo app streaming 8 tokens/s: an answer (40 tokens) takes 5 s, time to act in the middle of it
+    even on a loaded machine (a reload, a drop and reconnect)."""
+    server = DemoServer(tmp_path, agent_delay=0.3, token_rate=8.0)
     try:
         server.start()
         yield server
