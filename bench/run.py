@@ -832,6 +832,15 @@ def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
             extra += f"  gaps {entry['gaps']} dups {entry['duplicates']} short runs {entry['short']}"
             extra += f" server closes {entry['closes']}"
         print(f"{group:24} {entry['contender']:20} {entry['median']:>12.2f} {ratio:>7} (n={entry['runs']}){extra}")
+    if benchmark == "tokens":
+        for mode in sorted({e["contender"] for e in table}):
+            rows = sorted(
+                (e for e in table if e["contender"] == mode and e["median"] is not None), key=lambda e: e["streams"]
+            )
+            first = next((e for e in rows if e["saturated"] > 0), None)
+            sizes = ", ".join(str(e["streams"]) for e in rows)
+            where = f"first saturated at {first['streams']} streams" if first else "did not saturate"
+            print(f"{mode}: {where} (sizes run: {sizes})")
 
 
 def run_benchmark(name: str, cfg: Config) -> dict[str, Any]:
