@@ -21,6 +21,12 @@ Modes (``--mode``):
   raw loop) and waits for ``--events`` events.
 - ``idle``: open ``--clients`` subscribed connections, print ``{"ready": N}``
   and hold them until stdin is closed.
+- ``tokens``: token streams (``bench.run tokens``): like ``fanout`` with
+  ``--distinct``, but the trigger is ``POST /tokens`` (``--trigger`` holds its
+  query) and an event carries ``"k":`` tokens; a connection is done at the
+  event with ``"f":1`` (its stream's last). Reports tokens received and, with
+  ``--latency``, one sample per token from the event's ``t`` (the due time of
+  its oldest token: an upper bound for the others).
 
 ``--kind``: ``replay`` (the library's protocol), ``plain`` (bare and
 broadcaster servers: same subscribe frame, ``{"type":"subscribed"}`` back),
@@ -44,6 +50,8 @@ from urllib.parse import urlsplit
 
 _SEQ = b'"s":'
 _DUE = b'"t":'
+_COUNT = b'"k":'
+_FINAL = b'"f":1'
 
 
 def _frame(text: str, opcode: int = 0x1) -> bytes:
@@ -74,6 +82,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.target = args.events
+        self.tokens = args.mode == "tokens"
         self.latency = args.latency
         self.samples: list[int] = []
         self.done = asyncio.Event()
@@ -97,6 +106,8 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.expected = 0
         self.received = 0
+        self.tokens = 0
+        self.complete = False  # tokens mode: the stream's last event arrived
         self.gaps = 0
         self.dups = 0
         self.finished = False
@@ -174,14 +185,27 @@ class Conn(asyncio.Protocol):
                     self.gaps += seq - self.expected
                     self.expected = seq + 1
                 self.received += 1
+                count = 1
+                if run.tokens:
+                    c = buf.find(_COUNT, j, end)
+                    count = int(buf[c + 4 : buf.find(b",", c, end)])
+                    self.tokens += count
                 if run.latency:
                     k = buf.find(_DUE, j, end)
                     m = buf.find(b",", k, end)
-                    run.samples.append(now - int(buf[k + 4 : m]))
+                    sample = now - int(buf[k + 4 : m])
+                    if count == 1:
+                        run.samples.append(sample)
+                    else:
+                        run.samples.extend([sample] * count)
                 if run.first_at == 0:
                     run.first_at = now
                 run.last_at = now
-                if self.received >= run.target and not self.finished:
+                if run.tokens:
+                    if buf.find(_FINAL, j, end) >= 0 and not self.finished:
+                        self.complete = True
+                        self._finish()
+                elif self.received >= run.target and not self.finished:
                     self._finish()
             elif opcode == 0x9:
                 self._write(_control(0xA, bytes(buf[start:end])))
@@ -290,7 +314,9 @@ async def _connect(run: Run, args: argparse.Namespace, count: int) -> list[Conn]
 async def _trigger(args: argparse.Namespace) -> dict[str, Any]:
     url = urlsplit(args.http)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    if args.distinct:
+    if args.mode == "tokens":
+        route, query = "/tokens", f"topic={args.topic}&streams={args.clients}&{args.trigger}"
+    elif args.distinct:
         route, query = "/publish-topics", f"topic={args.topic}&topics={args.clients}&n={args.events}"
     else:
         route, query = "/publish", f"topic={args.topic}&n={args.events}&rate={args.rate}"
@@ -324,10 +350,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         trigger: dict[str, Any] = {}
         started = time.monotonic_ns()
         timed_out = False
-        if args.mode == "fanout":
+        triggered = args.mode in ("fanout", "tokens")
+        if triggered:
             trigger_task = asyncio.ensure_future(_trigger(args))
         done = asyncio.ensure_future(run.done.wait())
-        waits: set[asyncio.Future[Any]] = {done, trigger_task} if args.mode == "fanout" else {done}
+        waits: set[asyncio.Future[Any]] = {done, trigger_task} if triggered else {done}
         deadline = time.monotonic() + args.timeout
         while not done.done():  # all delivered, or the trigger failed (then it raises below), or the timeout
             left = max(0.0, deadline - time.monotonic())
@@ -335,11 +362,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if not finished:
                 timed_out = True
                 break
-            if args.mode == "fanout" and trigger_task.done() and trigger_task.exception() is not None:
+            if triggered and trigger_task.done() and trigger_task.exception() is not None:
                 break
             waits -= finished
         done.cancel()
-        if args.mode == "fanout":
+        if triggered:
             trigger = await asyncio.wait_for(trigger_task, args.timeout)
         else:
             started = conns[0].started_at
@@ -364,6 +391,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "timed_out": timed_out,
             "publish": trigger,
         }
+        if run.tokens:
+            # the events each stream published are only known to the server (coalescing decides them)
+            tokens = sum(c.tokens for c in conns)
+            result.update(
+                tokens=tokens,
+                tokens_expected=int(trigger.get("tokens", 0)),
+                events_expected=int(trigger.get("events", 0)),
+                token_rate=tokens / seconds if run.last_at else 0.0,
+            )
+            result["expected"] = result["events_expected"]
+            result["short_clients"] = sum(1 for c in conns if not c.complete)
         if run.latency:
             ordered = sorted(run.samples)
             result["latency_ms"] = {
@@ -386,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/ws")
     p.add_argument("--http", default="", help="http://127.0.0.1:PORT (the trigger, fanout mode)")
     p.add_argument("--kind", choices=["replay", "plain", "socketio", "raw"], required=True)
-    p.add_argument("--mode", choices=["fanout", "catchup", "idle"], default="fanout")
+    p.add_argument("--mode", choices=["fanout", "catchup", "idle", "tokens"], default="fanout")
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--events", type=int, default=1000)
     p.add_argument("--rate", type=float, default=0.0, help="events/s, open loop (0: back to back)")
@@ -395,6 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epoch", default=None)
     p.add_argument("--after", type=int, default=0)
     p.add_argument("--latency", action="store_true")
+    p.add_argument("--trigger", default="", help="tokens: the rest of POST /tokens' query (rate=..&tokens=..&mode=..)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--grace", type=float, default=0.5, help="seconds to wait for late closes after the last event")
     return p.parse_args(argv)

@@ -9,6 +9,7 @@ Usage (from the repository root, after ``bench/setup.sh`` for the peers)::
     .venv/bin/python -m bench.run memory     # RSS per idle subscribed connection, 2,000 connections
     .venv/bin/python -m bench.run topics     # N clients on N topics, a publisher per topic; N = 100, 1000, 5000
     .venv/bin/python -m bench.run publish-topics  # N concurrent publishers on N topics (RedisStore); N = 1, 50, 2000
+    .venv/bin/python -m bench.run tokens     # N token streams at 30 tokens/s (RedisStore); N = 100, 250, 500, 1000
     .venv/bin/python -m bench.run all
 
 Options: ``--reps 3`` (medians of that many runs), ``--quick`` (tiny sizes, for
@@ -672,6 +673,62 @@ def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
     return rows
 
 
+TOKEN_RATE = 30.0  # tokens/s per stream: an LLM answer's pace
+
+
+def bench_tokens(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
+    """N token streams at once on RedisStore, a client connection per stream (the topics benchmark's shape).
+
+    Each stream produces tokens at ``TOKEN_RATE`` for 10 s, open loop (a token
+    is due at its time whether or not the store kept up), as one event per
+    token (``token``) or through ``TokenStream`` (``coalesce``). Reported:
+    delivered tokens/s against the offered N x 30, p99 token latency (due time
+    to the client's receive), events, server CPU, Redis connections. Where
+    delivered falls below 95 % of offered, or p99 passes 1 s, it saturates.
+    """
+    rate = 100.0 if cfg.quick else TOKEN_RATE
+    sizes = [(3, 20)] if cfg.quick else [(n, int(TOKEN_RATE * 10)) for n in (100, 250, 500, 1000)]
+    if cfg.sizes:
+        sizes = [size for size in sizes if size[0] in cfg.sizes]
+    contender = CONTENDERS["replay-redis"]
+    rows = []
+    for rep in range(cfg.reps):
+        for streams, tokens in sizes:
+            for mode in ("token", "coalesce"):
+                name = f"replay-redis/{mode}"
+                try:
+                    with server(contender, redis_url, workdir) as srv:
+                        warm_up(srv, "--distinct")
+                        cpu = srv.cpu_seconds()
+                        with RedisClients(redis_url, interval=0.01 if cfg.quick else 0.05) as redis_clients:
+                            r = client(
+                                srv,
+                                *("--mode", "tokens", "--clients", str(streams), "--topic", topic(), "--distinct"),
+                                *("--trigger", f"rate={rate}&tokens={tokens}&mode={mode}", "--latency"),
+                                timeout=300,
+                            )
+                        r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / max(1, r["tokens"])
+                except BenchError as exc:
+                    why = _failure(str(exc))
+                    cfg.log(f"  tokens rep {rep} N={streams} {name}: FAILED: {why}")
+                    rows.append({"contender": name, "rep": rep, "streams": streams, "error": why})
+                    continue
+                r.update(redis_clients.report())
+                r["offered_rate"] = streams * rate
+                r["saturated"] = r["token_rate"] < 0.95 * r["offered_rate"] or r["latency_ms"]["p99"] > 1000
+                cfg.log(
+                    f"  tokens rep {rep} N={streams} {name}: {r['token_rate']:.0f} tokens/s delivered of "
+                    f"{r['offered_rate']:.0f} offered (tokens {r['tokens']}/{r['tokens_expected']}, events "
+                    f"{r['received']}/{r['events_expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
+                    f"closes {r['closes']}), p99 {r['latency_ms']['p99']:.1f} ms, producers late p99 "
+                    f"{r['publish']['producer_late_p99_ms']:.1f} ms, server CPU {r['server_cpu_us']:.0f} µs "
+                    f"per token, Redis connections seen {r['redis_connections']}"
+                    + (" SATURATED" if r["saturated"] else "")
+                )
+                rows.append({"contender": name, "rep": rep, "streams": streams, **r})
+    return rows
+
+
 def _failure(message: str) -> str:
     """The telling line of a failure: the last exception line of the server's log, else the client's."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -748,6 +805,7 @@ BENCHMARKS: dict[str, Callable[[Config, str, Path], list[dict[str, Any]]]] = {
     "memory": bench_memory,
     "topics": bench_topics,
     "publish-topics": bench_publish_topics,
+    "tokens": bench_tokens,
 }
 
 # What each benchmark's table compares: (group key, figure, higher is better, baseline).
@@ -759,6 +817,7 @@ TABLES: dict[str, tuple[tuple[str, ...], str, bool, str]] = {
     "memory": ((), "bytes_per_connection", False, "bare"),
     "topics": (("clients",), "rate", True, "bare"),
     "publish-topics": (("publishers",), "rate", True, "raw-redis-pool"),
+    "tokens": (("streams",), "token_rate", True, "replay-redis/token"),
 }
 # A second ratio for some tables: to this contender's median in the same group.
 CEILINGS: dict[str, str] = {"publish-topics": "raw-redis-pipeline"}
@@ -803,12 +862,17 @@ def summarize(benchmark: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]
             if benchmark == "latency":
                 for extra in ("p50", "max"):
                     entry[extra] = statistics.median(_figure(r, extra) for r in runs)
-            if benchmark in ("fanout", "topics") and all("server_cpu_us" in r for r in runs):
+            if benchmark in ("fanout", "topics", "tokens") and all("server_cpu_us" in r for r in runs):
                 entry["cpu_us"] = statistics.median(r["server_cpu_us"] for r in runs)
             if all("redis_connections" in r for r in runs):
                 entry["redis_connections"] = max(r["redis_connections"] for r in runs)
                 entry["redis_connections_opened"] = max(r["redis_connections_opened"] for r in runs)
-            if benchmark in ("fanout", "latency", "catchup", "topics"):
+            if benchmark == "tokens":
+                entry["offered"] = runs[0]["offered_rate"]
+                entry["p99"] = statistics.median(_figure(r, "p99") for r in runs)
+                entry["events"] = statistics.median(r["received"] for r in runs)
+                entry["saturated"] = sum(r["saturated"] for r in runs)
+            if benchmark in ("fanout", "latency", "catchup", "topics", "tokens"):
                 entry["gaps"] = sum(r["gaps"] for r in runs)
                 entry["duplicates"] = sum(r["duplicates"] for r in runs)
                 entry["short"] = sum(r["received"] < r["expected"] for r in runs)
@@ -834,19 +898,31 @@ def print_table(benchmark: str, table: list[dict[str, Any]]) -> None:
         extra = f"  failed runs {entry['failed']}" if entry.get("failed") else ""
         if benchmark == "latency":
             extra = f"  p50 {entry['p50']:.2f} ms  max {entry['max']:.2f} ms"
+        if benchmark == "tokens":
+            extra += f"  of {entry['offered']:.0f} offered, p99 {entry['p99']:.1f} ms, events {entry['events']:.0f}"
+            extra += f", saturated runs {entry['saturated']}"
         if "ceiling_ratio" in entry:
             ceiling = "-" if entry["ceiling_ratio"] is None else f"{entry['ceiling_ratio']:.2f}x"
             extra += f"  {ceiling} of {CEILINGS[benchmark]}"
         if "unscraped_ratio" in entry:
             extra += f"  {entry['unscraped_ratio']:.3f}x unscraped ({entry['scrapes']} scrapes)"
         if "cpu_us" in entry:
-            extra += f"  server CPU {entry['cpu_us']:.0f} µs/event"
+            extra += f"  server CPU {entry['cpu_us']:.0f} µs/{'token' if benchmark == 'tokens' else 'event'}"
         if "redis_connections" in entry:
             extra += f"  Redis connections {entry['redis_connections']} ({entry['redis_connections_opened']} opened)"
         if "gaps" in entry:
             extra += f"  gaps {entry['gaps']} dups {entry['duplicates']} short runs {entry['short']}"
             extra += f" server closes {entry['closes']}"
         print(f"{group:24} {entry['contender']:20} {entry['median']:>12.2f} {ratio:>7} (n={entry['runs']}){extra}")
+    if benchmark == "tokens":
+        for mode in sorted({e["contender"] for e in table}):
+            rows = sorted(
+                (e for e in table if e["contender"] == mode and e["median"] is not None), key=lambda e: e["streams"]
+            )
+            first = next((e for e in rows if e["saturated"] > 0), None)
+            sizes = ", ".join(str(e["streams"]) for e in rows)
+            where = f"first saturated at {first['streams']} streams" if first else "did not saturate"
+            print(f"{mode}: {where} (sizes run: {sizes})")
 
 
 def run_benchmark(name: str, cfg: Config) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``python -m example_app [--port N] [--agent-delay S]``: serve the demo with uvicorn on 127.0.0.1."""
+"""``python -m example_app [--port N] [--agent-delay S] [--token-rate N]``: serve the demo with uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds before the agent's answer is published (default 3, or AGENT_DELAY)",
     )
     parser.add_argument(
+        "--token-rate",
+        type=float,
+        default=float(os.environ.get("TOKEN_RATE", "30")),
+        help="tokens per second the agent streams its answer at (default 30, or TOKEN_RATE)",
+    )
+    parser.add_argument(
         "--heartbeat",
         type=float,
         default=float(os.environ.get("HEARTBEAT", "25")),
@@ -30,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, default=None, help="serve on this already-bound socket (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(agent_delay=args.agent_delay, heartbeat_interval=args.heartbeat)
+    app = create_app(agent_delay=args.agent_delay, heartbeat_interval=args.heartbeat, token_rate=args.token_rate)
     if args.fd is not None:
         uvicorn.run(app, fd=args.fd, log_level="info")
     else:

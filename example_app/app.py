@@ -8,8 +8,16 @@ and must still arrive, exactly once, when the page reconnects.
 * ``GET /api/history`` is the page's snapshot: the topic's retained events and
   the cursor (epoch, head) they end at; the page subscribes from that cursor.
 * ``POST /api/messages`` stores the user's message as an event, then starts the
-  agent, which answers after ``agent_delay`` seconds with ``task_interaction``
-  events and ``agent_log`` lines, all on ``user:<uid>``.
+  agent: a ``task_interaction`` "working" event, ``agent_log`` lines over
+  ``agent_delay`` seconds, then the answer streamed token by token at
+  ``token_rate`` tokens/s between a start marker (``answer_start``) and a final
+  marker (``task_interaction`` "done", or "stopped", holding the whole text),
+  all on ``user:<uid>``. Every token is an event: a page that drops its socket
+  or reloads mid-answer resumes at the exact token.
+* ``POST /api/stop`` stores a ``stop_requested`` event for a task; the agent
+  reads its topic between tokens, sees it and ends the answer with "stopped".
+  A dropped socket never stops the agent: nothing it does depends on a
+  connection.
 * ``/ws`` is the replay route; a socket may only subscribe to its own user's topic.
 """
 
@@ -36,7 +44,7 @@ from starlette.websockets import WebSocket
 
 from starlette_replay import EventStore, MemoryStore, RedisStore, Refused, Replay
 
-__all__ = ["create_app", "plan_answer"]
+__all__ = ["create_app", "plan_answer", "split_tokens"]
 
 logger = logging.getLogger("example_app")
 
@@ -78,8 +86,20 @@ def plan_answer(text: str) -> tuple[list[str], str]:
         f"{restaurant}: table for {party} free {day} at {hour}; holding it",
         f"reservation confirmed, code {confirmation}",
     ]
-    answer = f"Booked: a table for {party} at {restaurant} ({place}), {day} at {hour}. Confirmation {confirmation}."
+    answer = (
+        f"Booked: a table for {party} at {restaurant} ({place}), {day} at {hour}. Confirmation {confirmation}. "
+        "I asked for a quiet table away from the door; they hold it for fifteen minutes past the time, "
+        "so call them if you are running late."
+    )
     return logs, answer
+
+
+_TOKEN_RE = re.compile(r"\s*\S+")
+
+
+def split_tokens(text: str) -> list[str]:
+    """The answer as the agent streams it: words with their leading space; they join back to ``text``."""
+    return _TOKEN_RE.findall(text)
 
 
 def make_store() -> EventStore:
@@ -92,9 +112,15 @@ def make_store() -> EventStore:
 
 
 def create_app(
-    *, agent_delay: float = 3.0, store: EventStore | None = None, heartbeat_interval: float = 25.0
+    *,
+    agent_delay: float = 3.0,
+    store: EventStore | None = None,
+    heartbeat_interval: float = 25.0,
+    token_rate: float = 30.0,
 ) -> Starlette:
-    """The demo app. ``agent_delay``: seconds before the agent's answer is published."""
+    """The demo app. ``agent_delay``: seconds of agent logs before the answer; ``token_rate``: tokens/s."""
+    if not token_rate > 0:
+        raise ValueError("token_rate must be > 0 tokens per second")
 
     def authorize(websocket: WebSocket, topic: str) -> bool:
         uid = user_id(websocket)
@@ -117,16 +143,51 @@ def create_app(
     # once thanks to the idempotency key, and must not wake the agent twice).
     started: OrderedDict[str, None] = OrderedDict()
 
+    async def stop_seen(topic: str, task_id: str, after: int) -> tuple[bool, int]:
+        """Whether a ``stop_requested`` for ``task_id`` was stored after offset ``after``; and how far it read.
+
+        The stop is a message on the topic, read from the store: it reaches the
+        agent whichever instance took the POST, and only the Stop button sends it.
+        """
+        while True:
+            events = await replay.history(topic, after=after, limit=1000)
+            if events:
+                after = events[-1].offset
+            if any(e.event == "stop_requested" and e.data.get("task_id") == task_id for e in events):
+                return True, after
+            if len(events) < 1000:  # read up to the head: one read per token, as a rule
+                return False, after
+
     async def agent(topic: str, task_id: str, text: str) -> None:
         logs, answer = plan_answer(text)
         try:
-            await replay.publish(topic, "task_interaction", {"task_id": task_id, "state": "working", "text": text})
+            working = await replay.publish(
+                topic, "task_interaction", {"task_id": task_id, "state": "working", "text": text}
+            )
             step = agent_delay / (len(logs) + 1)
             for line in logs:
                 await anyio.sleep(step)
                 await replay.publish(topic, "agent_log", {"task_id": task_id, "line": line})
             await anyio.sleep(step)
-            await replay.publish(topic, "task_interaction", {"task_id": task_id, "state": "done", "text": answer})
+            await replay.publish(topic, "answer_start", {"task_id": task_id})
+            said: list[str] = []
+            checked = working.offset  # a Stop pressed before the start marker counts too
+            state = "done"
+            for token in split_tokens(answer):
+                stopped, checked = await stop_seen(topic, task_id, checked)
+                if stopped:
+                    state = "stopped"
+                    break
+                await replay.publish(topic, "answer_delta", {"task_id": task_id, "seq": len(said), "text": token})
+                said.append(token)
+                await anyio.sleep(1 / token_rate)
+            # The final marker holds the whole text: a late joiner (or a history view)
+            # can show it without the tokens, and a page checks its tokens against it.
+            await replay.publish(
+                topic,
+                "task_interaction",
+                {"task_id": task_id, "state": state, "text": "".join(said), "tokens": len(said)},
+            )
         except Exception:
             logger.exception("agent failed on %s", topic)
 
@@ -152,6 +213,7 @@ def create_app(
                 "cursor": {"epoch": snap.epoch, "offset": snap.head},
                 "events": events,
                 "agent_delay": agent_delay,
+                "token_rate": token_rate,
                 "heartbeat_interval": heartbeat_interval,
             }
         )
@@ -182,6 +244,22 @@ def create_app(
             task_group.start_soon(agent, topic, client_id, text)
         return JSONResponse({"offset": event.offset, "epoch": event.epoch}, status_code=202)
 
+    async def stop(request: Request) -> Response:
+        uid = user_id(request)
+        if uid is None:
+            return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        task_id = body.get("task_id") if isinstance(body, dict) else None
+        if not isinstance(task_id, str) or _CLIENT_ID_RE.fullmatch(task_id) is None:
+            return JSONResponse({"error": "task_id must be 1-64 characters of A-Z a-z 0-9 _ -"}, status_code=400)
+        event = await replay.publish(
+            topic_of(uid), "stop_requested", {"task_id": task_id}, idempotency_key=f"stop-{task_id}"
+        )
+        return JSONResponse({"offset": event.offset, "epoch": event.epoch}, status_code=202)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal task_group
@@ -198,6 +276,7 @@ def create_app(
             Route("/", index),
             Route("/api/history", history),
             Route("/api/messages", post_message, methods=["POST"]),
+            Route("/api/stop", stop, methods=["POST"]),
             replay.client_route("/replay.js"),
             replay.route("/ws"),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),

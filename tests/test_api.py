@@ -86,7 +86,6 @@ def _kwargs_of(call: str) -> set[str]:
 PENDING_ADDITIONS = {
     "sse_route": "issue 15 (SSE)",
     "sse_endpoint": "issue 15 (SSE)",
-    "mcp": "issue 16 (MCP event store)",
 }
 
 

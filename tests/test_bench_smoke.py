@@ -119,6 +119,26 @@ def test_topics() -> None:
     assert all(entry["cpu_us"] >= 0 for entry in result["table"])
 
 
+def test_tokens() -> None:
+    result = quick("tokens", OURS)
+    assert not [row for row in result["rows"] if "error" in row], result["rows"]
+    assert {(row["contender"], row["streams"]) for row in result["rows"]} == {
+        ("replay-redis/token", 3),
+        ("replay-redis/coalesce", 3),
+    }
+    for row in result["rows"]:
+        # every token arrives once, in order; the per-token mode sends one event per token
+        assert row["tokens"] == row["tokens_expected"] == 3 * 20, row
+        assert row["received"] == row["events_expected"] > 0 and row["short_clients"] == 0, row
+        assert (row["gaps"], row["duplicates"], row["closes"]) == (0, 0, {}), row
+        assert row["latency_ms"]["samples"] == row["tokens"], row
+        assert row["token_rate"] > 0 and row["offered_rate"] == 300, row
+    (per_token,) = [row for row in result["rows"] if row["contender"] == "replay-redis/token"]
+    assert per_token["received"] == per_token["tokens"]
+    check_connections(result)
+    check_ratios(result, "replay-redis/token")
+
+
 def test_publish_topics() -> None:
     result = quick("publish-topics", OURS)
     assert not [row for row in result["rows"] if "error" in row], result["rows"]

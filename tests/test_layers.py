@@ -35,6 +35,9 @@ LAYERS = {
     "endpoint": 6,
     "replay": 7,
     "__init__": 8,
+    # beside the facade, on its public API: token streams, the MCP event store
+    "streams": 8,
+    "mcp": 8,
 }
 
 PACKAGE = Path(starlette_replay.__file__).parent

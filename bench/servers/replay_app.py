@@ -21,6 +21,16 @@ this server holds the baselines that need the same Redis data:
 - ``POST /publish-topics``: the shared topics trigger (bench/servers/_common.py).
 - ``GET /metrics``: the library's metrics (``replay.metrics_route``), which
   ``bench.run --scrape`` scrapes every second.
+- ``POST /tokens?topic=P&streams=N&rate=R&tokens=T&mode=token|coalesce``: N
+  token streams at once, one per topic ``P-0`` .. ``P-(N-1)``, each producing
+  T tokens open loop at R tokens/s (token i due at start + phase + i/R, the
+  phase random in [0, 1/R) so that streams do not tick together). ``token``:
+  each token is an event (``replay.publish``); ``coalesce``: through
+  ``starlette_replay.streams.TokenStream`` (tokens that arrive while a publish
+  is in flight share the next event). Event data: ``s`` (the event's index in
+  its stream), ``t`` (its oldest token's due time), ``k`` (tokens in it),
+  ``f`` (1 on the stream's last event), ``p`` (the text). Answers tokens and
+  events published and the producers' lateness.
 - ``WS /raw``: the catch-up baseline: after a first frame
   ``{"topic": T, "after": N}`` it reads the topic's stream with XRANGE pages of
   500 and sends each entry as an ``event`` frame, no library involved.
@@ -31,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -45,6 +56,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bench._script import PREFIX, append_call, append_keys, append_script
 from starlette_replay import MemoryStore, RedisStore, Replay, allow_all
+from starlette_replay.streams import TokenStream
 
 STORE = os.environ.get("BENCH_STORE", "memory")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
@@ -219,6 +231,68 @@ async def raw_catchup(websocket: WebSocket) -> None:
         pass
 
 
+TOKEN_TEXT = "tok "
+
+
+async def tokens_bench(request: Request) -> JSONResponse:
+    q = request.query_params
+    prefix, streams = str(q.get("topic", "bench")), int(q.get("streams", "1"))
+    rate, per_stream, mode = float(q.get("rate", "30")), int(q.get("tokens", "300")), q.get("mode", "token")
+    if mode not in ("token", "coalesce"):
+        return JSONResponse({"error": f"unknown mode {mode!r}"}, status_code=400)
+    step = 1e9 / rate
+    events = 0
+    late_ns: list[int] = []  # how late each producer started its tokens (the event loop's own lag)
+    start = time.monotonic_ns()
+
+    async def produce(index: int) -> None:
+        nonlocal events
+        topic = f"{prefix}-{index}"
+        phase = random.random() * step
+        if mode == "token":
+            for i in range(per_stream):
+                due = start + int(phase + i * step)
+                delay = (due - time.monotonic_ns()) / 1e9
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                late_ns.append(max(0, time.monotonic_ns() - due))
+                data = {"s": i, "t": due, "k": 1, "f": int(i == per_stream - 1), "p": TOKEN_TEXT}
+                await replay.publish(topic, "tok", data)
+                events += 1
+            return
+        made = 0
+
+        def make(tokens: Any, first: int) -> dict[str, Any]:
+            nonlocal made
+            made += 1
+            last = int(first + len(tokens) == per_stream)
+            return {"s": made - 1, "t": tokens[0], "k": len(tokens), "f": last, "p": TOKEN_TEXT * len(tokens)}
+
+        async with TokenStream(replay, topic, "tok", make=make) as stream:
+            for i in range(per_stream):
+                due = start + int(phase + i * step)
+                delay = (due - time.monotonic_ns()) / 1e9
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                late_ns.append(max(0, time.monotonic_ns() - due))
+                await stream.send(due)
+        events += stream.events
+
+    await asyncio.gather(*(produce(i) for i in range(streams)))
+    seconds = (time.monotonic_ns() - start) / 1e9
+    late_ns.sort()
+    return JSONResponse(
+        {
+            "streams": streams,
+            "tokens": streams * per_stream,
+            "events": events,
+            "seconds": seconds,
+            "offered_rate": streams * rate,
+            "producer_late_p99_ms": late_ns[int(0.99 * (len(late_ns) - 1))] / 1e6 if late_ns else 0.0,
+        }
+    )
+
+
 async def health(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
@@ -231,6 +305,7 @@ app = Starlette(
         Route("/publish-topics", publish_topics, methods=["POST"]),
         Route("/publish-bench", publish_bench, methods=["POST"]),
         Route("/publish-topics-bench", publish_topics_bench, methods=["POST"]),
+        Route("/tokens", tokens_bench, methods=["POST"]),
         Route("/health", health),
         replay.metrics_route("/metrics"),  # bench.run --scrape
     ],

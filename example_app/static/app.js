@@ -13,10 +13,16 @@ const snapshot = await (await fetch("/api/history")).json();
 const topic = snapshot.topic;
 const offlineMs = Math.round((snapshot.agent_delay + 3) * 1000);
 
-const client = new ReplayClient("/ws", {
-  autoConnect: false,
-  heartbeatInterval: snapshot.heartbeat_interval * 1000, // must match the server's
-});
+// --- transport: the one place that makes the client (WebSocket today) --------------------
+
+function makeClient() {
+  return new ReplayClient("/ws", {
+    autoConnect: false,
+    heartbeatInterval: snapshot.heartbeat_interval * 1000, // must match the server's
+  });
+}
+
+const client = makeClient();
 
 // --- rendering: one element per event, tagged with its offset ------------------------
 
@@ -24,7 +30,81 @@ function clock(ms) {
   return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
 
+// A streamed answer: the start marker makes the bubble, each token is a span in it
+// (tagged with its offset), the final marker closes it and holds the whole text.
+function answerBubble(taskId) {
+  return messages.querySelector(`li.answer[data-task="${CSS.escape(taskId)}"]`);
+}
+
+function renderAnswer(e) {
+  const taskId = e.data.task_id;
+  if (e.event === "answer_start") {
+    const li = document.createElement("li");
+    li.className = "msg agent answer streaming";
+    li.dataset.task = taskId;
+    li.dataset.offset = String(e.offset);
+    li.dataset.event = e.event;
+    li.innerHTML = `<span class="text"></span><button type="button" class="stop">Stop</button>`;
+    li.querySelector(".stop").addEventListener("click", () => stopTask(taskId, li));
+    if (!e.live) li.classList.add("replayed");
+    messages.append(li);
+    li.scrollIntoView({ block: "end" });
+    return;
+  }
+  const li = answerBubble(taskId);
+  if (!li) return false; // no start marker on this page (an answer older than the snapshot)
+  if (e.event === "answer_delta") {
+    const tok = document.createElement("span");
+    tok.className = "tok";
+    tok.dataset.offset = String(e.offset);
+    tok.textContent = e.data.text;
+    li.querySelector(".text").append(tok);
+    li.scrollIntoView({ block: "end" });
+    return;
+  }
+  // the final marker: its text must be exactly the tokens shown (no repeat, no hole)
+  const shown = li.querySelector(".text").textContent;
+  li.classList.remove("streaming");
+  li.classList.add(e.data.state);
+  if (shown !== e.data.text) {
+    li.classList.add("mismatch");
+    console.error(`answer ${taskId}: tokens shown differ from the final text`);
+  }
+  li.querySelector(".stop")?.remove();
+  const time = document.createElement("time");
+  time.dataset.offset = String(e.offset);
+  time.dataset.event = e.event;
+  time.textContent = clock(e.time);
+  li.append(time);
+  messages.querySelector(`li.agent.working[data-task="${CSS.escape(taskId)}"]`)?.classList.add("finished");
+}
+
+async function stopTask(taskId, li) {
+  li.querySelector(".stop").disabled = true;
+  // Like a message, the stop is an HTTP request: it works while the socket is down.
+  const r = await fetch("/api/stop", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ task_id: taskId }),
+  });
+  if (!r.ok) notice(`Stop failed: HTTP ${r.status}`);
+}
+
 function render(e) {
+  if (e.event === "answer_start" || e.event === "answer_delta") return renderAnswer(e);
+  if (e.event === "task_interaction" && e.data.state !== "working" && answerBubble(e.data.task_id)) {
+    if (renderAnswer(e) !== false) return;
+  }
+  if (e.event === "stop_requested") {
+    const li = answerBubble(e.data.task_id);
+    if (li) li.classList.add("stopping");
+    const mark = document.createElement("li");
+    mark.hidden = true; // stored for the agent; shown as the bubble's state
+    mark.dataset.offset = String(e.offset);
+    mark.dataset.event = e.event;
+    messages.append(mark);
+    return;
+  }
   const li = document.createElement("li");
   li.dataset.offset = String(e.offset);
   li.dataset.event = e.event;
@@ -47,8 +127,9 @@ function render(e) {
   } else if (e.event === "task_interaction") {
     li.className = `msg agent ${e.data.state}`;
     li.dataset.task = e.data.task_id;
-    li.textContent = e.data.state === "done" ? e.data.text : `Working on “${e.data.text}”…`;
-    if (e.data.state === "done") {
+    // the final marker of an answer whose start this page never saw (older than its snapshot) shows its text
+    li.textContent = e.data.state === "working" ? `Working on “${e.data.text}”…` : e.data.text;
+    if (e.data.state !== "working") {
       messages.querySelector(`li.agent.working[data-task="${CSS.escape(e.data.task_id)}"]`)?.classList.add("finished");
     }
   } else {

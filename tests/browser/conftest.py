@@ -42,9 +42,15 @@ class DemoServer:
     """
 
     def __init__(
-        self, tmp_path: Path, agent_delay: float, heartbeat: float = 25.0, redis_url: str | None = None
+        self,
+        tmp_path: Path,
+        agent_delay: float,
+        heartbeat: float = 25.0,
+        redis_url: str | None = None,
+        token_rate: float = 50.0,
     ) -> None:
         self.redis_url = redis_url
+        self.token_rate = token_rate
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
@@ -68,6 +74,7 @@ class DemoServer:
         fd = self.sock.fileno()
         cmd = [sys.executable, "-m", "example_app", "--fd", str(fd)]
         cmd += ["--agent-delay", str(self.agent_delay), "--heartbeat", str(self.heartbeat)]
+        cmd += ["--token-rate", str(self.token_rate)]
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, pass_fds=[fd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -130,6 +137,18 @@ class DemoServer:
 def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
     """The demo app with a 1 s agent delay, on 127.0.0.1 and a port of its own."""
     server = DemoServer(tmp_path, agent_delay=1.0)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def stream_server(tmp_path: Path) -> Iterator[DemoServer]:
+    """The demo app streaming 8 tokens/s: an answer (40 tokens) takes 5 s, time to act in the middle of it
+    even on a loaded machine (a reload, a drop and reconnect)."""
+    server = DemoServer(tmp_path, agent_delay=0.3, token_rate=8.0)
     try:
         server.start()
         yield server

@@ -1,4 +1,5 @@
-"""The demo in a real browser: an answer published while the page is offline arrives exactly once.
+"""The demo in a real browser: an answer published while the page is offline arrives exactly once,
+and an answer streamed token by token continues at the exact token after a drop or a reload.
 
 Every wait is on the DOM (selectors with timeouts) or on a frame from the
 server, never on a sleep.
@@ -15,25 +16,38 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page
 from websockets.asyncio.client import connect
 
+from example_app.app import plan_answer, split_tokens
+
 from .conftest import DemoServer
 
 pytestmark = pytest.mark.anyio
 
 MESSAGE = "Euljiro, 2 people, tomorrow at 12:30"
+ANSWER = plan_answer(MESSAGE)[1]
+TOKENS = split_tokens(ANSWER)
 WAIT_MS = 20_000
 
 
-async def wait_for_answer(server: DemoServer, uid: str) -> dict[str, Any]:
-    """Watch the user's topic as a second client until the agent's final answer is stored."""
+async def watch_topic(server: DemoServer, uid: str, until: Any) -> dict[str, Any]:
+    """Watch the user's topic as a second client until ``until(frame)``; returns that event frame."""
     url = server.url.replace("http://", "ws://") + "/ws"
     async with connect(url, subprotocols=["replay.v1"], additional_headers={"Cookie": f"uid={uid}"}) as ws:
         await ws.send(json.dumps({"type": "subscribe", "topic": f"user:{uid}", "rewind": 1000}))
         async for raw in ws:
             frame = json.loads(raw)
             assert frame["type"] != "error", frame
-            if frame["type"] == "event" and frame["event"] == "task_interaction" and frame["data"]["state"] == "done":
+            if frame["type"] == "event" and until(frame):
                 return dict(frame)
-    raise AssertionError("socket closed before the answer")
+    raise AssertionError("socket closed before the awaited event")
+
+
+def is_final(frame: dict[str, Any]) -> bool:
+    return frame["event"] == "task_interaction" and frame["data"]["state"] in ("done", "stopped")
+
+
+async def wait_for_answer(server: DemoServer, uid: str) -> dict[str, Any]:
+    """Watch the user's topic as a second client until the agent's final answer is stored."""
+    return await watch_topic(server, uid, is_final)
 
 
 async def dom_state(page: Page) -> dict[str, Any]:
@@ -45,6 +59,11 @@ async def dom_state(page: Page) -> dict[str, Any]:
                 pending: document.querySelectorAll("#messages .pending").length,
                 answers: [...document.querySelectorAll("#messages .msg.agent.done")].map(
                     (el) => el.firstChild.textContent),
+                stopped: [...document.querySelectorAll("#messages .msg.agent.stopped")].map(
+                    (el) => el.firstChild.textContent),
+                tokens: [...document.querySelectorAll("#messages .answer .tok")].map((el) => el.textContent),
+                streaming: document.querySelectorAll("#messages .answer.streaming").length,
+                mismatched: document.querySelectorAll("#messages .answer.mismatch").length,
                 working: document.querySelectorAll("#messages .msg.agent.working").length,
                 logs: document.querySelectorAll("#log .log-line").length,
             })"""
@@ -52,17 +71,29 @@ async def dom_state(page: Page) -> dict[str, Any]:
     )
 
 
-def assert_exactly_once(state: dict[str, Any]) -> None:
+def assert_contiguous(state: dict[str, Any]) -> None:
     offsets = sorted(state["offsets"])
     assert offsets == list(range(1, len(offsets) + 1)), f"every event once, no gap: {state['offsets']}"
+
+
+def assert_exactly_once(state: dict[str, Any]) -> None:
+    assert_contiguous(state)
     assert state["users"] == [MESSAGE]
     assert state["pending"] == 0
     assert len(state["answers"]) == 1, state["answers"]
-    assert state["answers"][0].startswith("Booked: a table for 2 at "), state["answers"]
-    assert "tomorrow at 12:30" in state["answers"][0]
+    assert state["answers"][0] == ANSWER
+    assert state["tokens"] == TOKENS, "every token once, in order"
+    assert (state["streaming"], state["mismatched"]) == (0, 0)
     assert state["working"] == 1
     assert state["logs"] == 4
-    assert len(offsets) == 7  # user_message, working, 4 log lines, answer
+    # user_message, working, 4 log lines, the start marker, the tokens, the final marker
+    assert len(state["offsets"]) == 8 + len(TOKENS)
+
+
+async def tokens_shown(page: Page, count: int) -> None:
+    await page.wait_for_function(
+        f"document.querySelectorAll('#messages .answer .tok').length >= {count}", timeout=WAIT_MS
+    )
 
 
 async def open_page(browser: Browser, server: DemoServer) -> tuple[BrowserContext, Page, list[str]]:
@@ -175,4 +206,92 @@ async def test_silent_socket_is_detected_by_the_heartbeat(
         await send_and_wait_for_answer(page)
         assert_exactly_once(await dom_state(page))
         assert [p for p in problems if p.startswith("pageerror")] == []
+        await context.close()
+
+
+async def test_a_dropped_connection_mid_answer_continues_at_the_exact_token(
+    browser: Browser, stream_server: DemoServer, tmp_path: Path
+) -> None:
+    """The socket goes down after a few tokens; the agent goes on (a disconnect never stops it); the page
+    reconnects while the answer is still streaming and shows every token once, in order, then the end."""
+    with anyio.fail_after(90):
+        context, page, problems = await open_page(browser, stream_server)
+        (cookie,) = [c for c in await context.cookies() if c["name"] == "uid"]
+        await page.fill("#text", MESSAGE)
+        await page.click("#send")
+        await tokens_shown(page, 3)
+        await page.click("#drop")
+        await page.wait_for_selector("#status[data-state=closed]", timeout=WAIT_MS)
+        offline = await dom_state(page)
+        # tokens keep being stored while the page is offline
+        later = await watch_topic(
+            stream_server,
+            cookie["value"],
+            lambda f: f["event"] == "answer_delta" and f["data"]["seq"] >= len(offline["tokens"]) + 3,
+        )
+        assert (await dom_state(page))["tokens"] == offline["tokens"], "nothing arrives while offline"
+        assert offline["streaming"] == 1
+        await page.screenshot(path=str(tmp_path / "1-offline-mid-answer.png"))
+
+        await page.click("#reconnect")
+        await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
+        await tokens_shown(page, later["data"]["seq"] + 1)
+        mid = await dom_state(page)
+        assert mid["tokens"] == TOKENS[: len(mid["tokens"])], "the replayed tokens continue the shown ones"
+        await page.screenshot(path=str(tmp_path / "2-resumed-mid-answer.png"))
+        await page.wait_for_selector("#messages .answer.done", timeout=WAIT_MS)
+        assert_exactly_once(await dom_state(page))
+        assert problems == []
+        await context.close()
+
+
+async def test_a_reload_mid_answer_renders_the_partial_answer_and_continues(
+    browser: Browser, stream_server: DemoServer, tmp_path: Path
+) -> None:
+    with anyio.fail_after(90):
+        context, page, problems = await open_page(browser, stream_server)
+        await page.fill("#text", MESSAGE)
+        await page.click("#send")
+        await tokens_shown(page, 3)
+        await page.reload()
+        await page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
+        partial = await dom_state(page)
+        assert partial["streaming"] == 1, "the snapshot holds the start marker and the tokens so far"
+        assert 3 <= len(partial["tokens"]) < len(TOKENS)
+        assert partial["tokens"] == TOKENS[: len(partial["tokens"])]
+        await page.screenshot(path=str(tmp_path / "reloaded-mid-answer.png"))
+        await page.wait_for_selector("#messages .answer.done", timeout=WAIT_MS)
+        assert_exactly_once(await dom_state(page))
+        assert problems == []
+        await context.close()
+
+
+async def test_stop_stops_the_agent_even_while_the_page_is_offline(
+    browser: Browser, stream_server: DemoServer, tmp_path: Path
+) -> None:
+    """Stop is a message to the agent (an HTTP request that stores a stop_requested event), so it works
+    with the socket down; the answer ends "stopped" with exactly the tokens that were streamed."""
+    with anyio.fail_after(90):
+        context, page, problems = await open_page(browser, stream_server)
+        (cookie,) = [c for c in await context.cookies() if c["name"] == "uid"]
+        await page.fill("#text", MESSAGE)
+        await page.click("#send")
+        await tokens_shown(page, 3)
+        await page.click("#drop")
+        await page.wait_for_selector("#status[data-state=closed]", timeout=WAIT_MS)
+        await page.click("#messages .answer .stop")
+        final = await wait_for_answer(stream_server, cookie["value"])
+        assert final["data"]["state"] == "stopped"
+        assert 3 <= final["data"]["tokens"] < len(TOKENS)
+
+        await page.click("#reconnect")
+        await page.wait_for_selector("#messages .answer.stopped", timeout=WAIT_MS)
+        state = await dom_state(page)
+        assert_contiguous(state)
+        assert state["stopped"] == [final["data"]["text"]]
+        assert state["tokens"] == TOKENS[: final["data"]["tokens"]]
+        assert (state["answers"], state["streaming"], state["mismatched"]) == ([], 0, 0)
+        assert await page.locator("#messages .answer .stop").count() == 0
+        await page.screenshot(path=str(tmp_path / "stopped.png"))
+        assert problems == []
         await context.close()

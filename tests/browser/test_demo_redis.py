@@ -11,6 +11,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from example_app.app import plan_answer, split_tokens
 from tests.browser.conftest import DemoServer
 from tests.redis_server import RedisServer, redis_server
 
@@ -19,11 +20,14 @@ __all__ = ["redis_server"]
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
-@pytest.fixture
-def two_demos(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[DemoServer, DemoServer]]:
+@pytest.fixture(params=[50.0])
+def two_demos(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[DemoServer, DemoServer]]:
     redis_server.client().flushall()
-    a = DemoServer(tmp_path, agent_delay=0.3, redis_url=redis_server.url)
-    b = DemoServer(tmp_path, agent_delay=0.3, redis_url=redis_server.url)
+    rate = request.param
+    a = DemoServer(tmp_path, agent_delay=0.3, redis_url=redis_server.url, token_rate=rate)
+    b = DemoServer(tmp_path, agent_delay=0.3, redis_url=redis_server.url, token_rate=rate)
     try:
         a.start()
         b.start()
@@ -63,3 +67,31 @@ async def test_a_message_sent_to_one_instance_is_answered_live_on_the_other(
     assert history_a["cursor"] == history_b["cursor"]
     assert history_a["events"] == history_b["events"]
     assert [e["offset"] for e in history_b["events"]][: len(frames)] == [f["offset"] for f in frames]
+
+
+@pytest.mark.parametrize("two_demos", [10.0], indirect=True)
+async def test_a_stop_sent_to_the_other_instance_stops_the_agent(two_demos: tuple[DemoServer, DemoServer]) -> None:
+    """The stop is a stored event, read by the agent from Redis: it works whichever instance takes it."""
+    a, b = two_demos
+    async with httpx.AsyncClient(base_url=a.url, timeout=10) as http_a:
+        await http_a.get("/")
+        uid = http_a.cookies["uid"]
+        ws_url = a.url.replace("http://", "ws://") + "/ws"
+        with anyio.fail_after(30):
+            async with connect(ws_url, additional_headers={"Cookie": f"uid={uid}"}, compression=None) as ws:
+                await ws.send(json.dumps({"type": "subscribe", "topic": f"user:{uid}"}))
+                assert json.loads(await ws.recv())["type"] == "subscribed"
+                sent = await http_a.post("/api/messages", json={"text": "Euljiro, 2 people", "client_id": "m1"})
+                assert sent.status_code == 202
+                deltas = 0
+                while deltas < 3:
+                    frame = json.loads(await ws.recv())
+                    deltas += frame.get("event") == "answer_delta"
+                async with httpx.AsyncClient(base_url=b.url, timeout=10, cookies={"uid": uid}) as http_b:
+                    assert (await http_b.post("/api/stop", json={"task_id": "m1"})).status_code == 202
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame.get("event") == "task_interaction" and frame["data"]["state"] != "working":
+                        break
+    assert frame["data"]["state"] == "stopped"
+    assert 3 <= frame["data"]["tokens"] < len(split_tokens(plan_answer("Euljiro, 2 people")[1]))
