@@ -238,9 +238,25 @@ class RawStream:
         self.ended = False
         self.body = b""
 
-    async def connect(self, within: float = TIMEOUT) -> RawStream:
+    async def connect(self, within: float = TIMEOUT, *, rcvbuf: int | None = None) -> RawStream:
+        """Send the request and read the response's head. ``rcvbuf`` shrinks the kernel receive
+        buffer before connecting (a small TCP window from the start: a slow consumer)."""
         with anyio.fail_after(within):
-            self._stream = await anyio.connect_tcp(self.host, self.port)
+            if rcvbuf is None:
+                self._stream = await anyio.connect_tcp(self.host, self.port)
+            else:
+                import asyncio
+                import socket
+
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                sock.setblocking(False)
+                try:
+                    await asyncio.get_running_loop().sock_connect(sock, (self.host, self.port))
+                except BaseException:
+                    sock.close()
+                    raise
+                self._stream = await anyio.abc.SocketStream.from_socket(sock)
             lines = [f"GET {self.target} HTTP/1.1", f"Host: {self.host}:{self.port}", "Accept: text/event-stream"]
             lines += [f"{k}: {v}" for k, v in self.headers.items()]
             await self._stream.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -255,14 +271,6 @@ class RawStream:
             self._chunked = self.response_headers.get("transfer-encoding", "").lower() == "chunked"
             self._process()
         return self
-
-    def set_socket_buffer(self, size: int) -> None:
-        """Shrink the receive buffer (before reading stops) so that the server's sends fill up sooner."""
-        import socket
-
-        assert self._stream is not None
-        sock = self._stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     async def _more(self) -> bool:
         """Read more of the body into the parser; False at its end."""
@@ -336,7 +344,7 @@ class RawStream:
             await self._stream.aclose()
             self._stream = None
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Drop the TCP connection at once (RST), as a browser tab that is killed."""
         import socket
         import struct
@@ -345,5 +353,143 @@ class RawStream:
             return
         sock = self._stream.extra(anyio.abc.SocketAttribute.raw_socket)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-        self._stream = None
+        stream, self._stream = self._stream, None
+        await stream.aclose()
+
+
+class SSESubscriber:
+    """One logical SSE subscriber across reconnects, over :class:`RawStream`, checking every frame.
+
+    Reconnects with the last id it received as ``Last-Event-ID`` (as an
+    ``EventSource`` does). Within one stream, each topic's events must follow
+    its ``subscribed`` at ``offset - replayed + 1``, ``+2``, ... with no gap
+    and no duplicate; a resume with a cursor must be ``recovered``; the id after
+    each frame must be the cursor list the client would resume from. Problems
+    go to :attr:`violations`; :attr:`delivered` is every event handed on, per
+    topic, across streams (each offset once, in order, is what tests assert).
+    """
+
+    def __init__(self, host: str, port: int, topics: Sequence[str], *, path: str = "/sse", name: str = "sse") -> None:
+        self.host = host
+        self.port = port
+        self.topics = list(topics)
+        self.path = path
+        self.name = name
+        self.last_id: str | None = None
+        self.stream: RawStream | None = None
+        self.violations: list[str] = []
+        self.delivered: dict[str, list[int]] = {t: [] for t in topics}
+        self.data: dict[str, list[Any]] = {t: [] for t in topics}
+        self.subscribed: list[dict[str, Any]] = []  # every subscribed frame, in order
+        self.epochs: dict[str, str] = {}
+        self._expect: dict[str, int | None] = {}  # next offset per topic in this stream (None: before subscribed)
+        self._sent: dict[str, tuple[str, int] | None] = {}  # the cursor each topic resumed from in this stream
+        self.streams = 0
+
+    def offset(self, topic: str) -> int:
+        got = self.delivered[topic]
+        return got[-1] if got else 0
+
+    async def connect(
+        self, *, headers: Mapping[str, str] | None = None, rcvbuf: int | None = None, **params: object
+    ) -> RawStream:
+        await self.drop()  # an ended stream's socket
+        sent = dict(headers or {})
+        if self.last_id is not None:
+            sent["Last-Event-ID"] = self.last_id
+        stream = RawStream(self.host, self.port, f"{self.path}?{query(self.topics, **params)}", sent)
+        await stream.connect(rcvbuf=rcvbuf)
+        if stream.status != 200:
+            self.violations.append(f"{self.name}: HTTP {stream.status}: {await stream.read_body()!r}")
+        self.stream = stream
+        self.streams += 1
+        self._expect = dict.fromkeys(self.topics)
+        entries = self.last_id.split(",") if self.last_id is not None else [""] * len(self.topics)
+        self._sent = {}
+        for topic, entry in zip(self.topics, entries, strict=True):
+            parts = entry.split(":")
+            self._sent[topic] = (parts[0], int(parts[1])) if entry else None
+        return stream
+
+    def last_subscribed(self, topic: str) -> dict[str, Any]:
+        """The newest ``subscribed`` frame of ``topic``."""
+        return [frame for frame in self.subscribed if frame["topic"] == topic][-1]
+
+    def _check(self, frame: dict[str, Any], event_id: str | None) -> None:
+        kind, topic = frame.get("type"), frame.get("topic")
+        if topic not in self._expect:
+            self.violations.append(f"{self.name}: frame of a topic not asked for: {frame}")
+            return
+        if kind == "subscribed":
+            self.subscribed.append(frame)
+            if self._expect[topic] is not None:
+                self.violations.append(f"{self.name}: a second subscribed for {topic!r}: {frame}")
+            self._expect[topic] = frame["offset"] - frame["replayed"] + 1
+            sent = self._sent.get(topic)
+            if sent is not None and sent[0] == frame["epoch"] and not frame["recovered"]:
+                self.violations.append(f"{self.name}: resume of {topic!r} from {sent} not recovered: {frame}")
+            if sent is not None and frame["recovered"] and frame["offset"] - frame["replayed"] != sent[1]:
+                self.violations.append(f"{self.name}: replay of {topic!r} does not start at {sent}: {frame}")
+            self.epochs[topic] = frame["epoch"]
+        elif kind == "event":
+            expected = self._expect[topic]
+            if expected is None:
+                self.violations.append(f"{self.name}: event before subscribed: {frame}")
+            elif frame["offset"] != expected:
+                self.violations.append(f"{self.name}: {topic!r} expected offset {expected}, got {frame['offset']}")
+            self._expect[topic] = frame["offset"] + 1
+            self.delivered[topic].append(frame["offset"])
+            self.data[topic].append(frame["data"])
+        else:
+            self.violations.append(f"{self.name}: unexpected frame {frame}")
+        if event_id is None:
+            self.violations.append(f"{self.name}: no id after {frame}")
+        self.last_id = event_id
+
+    async def recv(self, within: float = TIMEOUT) -> dict[str, Any] | None:
+        """The next frame, checked; None when the stream ended."""
+        assert self.stream is not None
+        got = await self.stream.frame(within)
+        if got is None:
+            return None
+        frame, event_id = got
+        self._check(frame, event_id)
+        return frame
+
+    async def read_until(self, targets: Mapping[str, int], within: float = 20.0) -> None:
+        """Read until every topic in ``targets`` reached that offset; raises if the stream ends first."""
+        with anyio.fail_after(within):
+            while any(self.offset(t) < o for t, o in targets.items()):
+                if await self.recv(within) is None:
+                    raise AssertionError(f"{self.name}: the stream ended at {self.delivered_heads()}")
+
+    async def read_until_or_end(self, targets: Mapping[str, int], within: float = 20.0) -> bool:
+        """As read_until; False when the stream ended first (then reconnect)."""
+        with anyio.fail_after(within):
+            while any(self.offset(t) < o for t, o in targets.items()):
+                if await self.recv(within) is None:
+                    return False
+        return True
+
+    def delivered_heads(self) -> dict[str, int]:
+        return {t: self.offset(t) for t in self.topics}
+
+    async def drop(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+    async def abort(self) -> None:
+        if self.stream is not None:
+            await self.stream.abort()
+            self.stream = None
+
+    def assert_exact(self, heads: Mapping[str, int]) -> None:
+        """No violation, and each topic delivered exactly 1..head, once each, in order."""
+        assert not self.violations, self.violations[:10]
+        for topic, head in heads.items():
+            got = self.delivered[topic]
+            assert got == list(range(1, head + 1)), (
+                f"{self.name}: {topic!r}: {len(got)} delivered, dups {len(got) - len(set(got))}, "
+                f"missing {sorted(set(range(1, head + 1)) - set(got))[:10]}"
+            )

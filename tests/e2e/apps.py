@@ -40,6 +40,8 @@ HTTP routes:
     robin, sleeping ``interval`` s between rounds); answers ``{"id"}``.
 ``POST /pump/{id}/wait``
     Waits for that pump to finish; answers ``{topic: {"epoch", "last"}}``.
+``GET /sse?topic=...``
+    The SSE route (``replay.sse_route``); the FastAPI app mounts it with ``app.add_route``.
 ``GET /position?topic=``, ``GET /history?topic=&after=&limit=``, ``GET /stats``
     The store's position, ``replay.history`` (offsets and data), ``replay.stats()``.
 """
@@ -58,10 +60,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.websockets import WebSocket
 
 from starlette_replay import Cursor, Event, EventStore, MemoryStore, Position, RedisStore, Refused, Replay
 from starlette_replay.stores.base import LiveSink
@@ -229,11 +230,11 @@ def make_app() -> Starlette:
     _configure_logging()
     forbidden_prefix = os.environ.get("REPLAY_FORBIDDEN_PREFIX", "forbidden")
 
-    def authorize(websocket: WebSocket, topic: str) -> bool:
+    def authorize(conn: HTTPConnection, topic: str) -> bool:
         return not topic.startswith(forbidden_prefix)
 
-    def identify(websocket: WebSocket) -> str | None:
-        identity = websocket.query_params.get("identity")
+    def identify(conn: HTTPConnection) -> str | None:
+        identity = conn.query_params.get("identity")
         if identity == "refuse":
             raise Refused("refused by the test app")
         return identity
@@ -346,6 +347,7 @@ def make_app() -> Starlette:
             Route("/history", history),
             Route("/stats", stats),
             replay.route("/ws"),
+            replay.sse_route("/sse"),
         ],
         lifespan=lifespan,
     )
@@ -391,4 +393,5 @@ def make_fastapi_app() -> Any:
         return {"epoch": event.epoch, "offset": event.offset}
 
     app.add_api_websocket_route("/ws", replay.endpoint)
+    app.add_route("/sse", replay.sse_endpoint)
     return app
