@@ -13,7 +13,7 @@ Configured by environment variables (all optional):
     the store): widen the replay -> live hand-off on purpose.
 ``REPLAY_SEND_QUEUE_SIZE``, ``REPLAY_MAX_MESSAGE_SIZE``, ``REPLAY_HEARTBEAT``,
 ``REPLAY_PAGE_SIZE``, ``REPLAY_MAX_FRAME_RATE``, ``REPLAY_FRAME_BURST``, ``REPLAY_CLOSE_TIMEOUT``,
-``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``
+``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``, ``REPLAY_SSE_RETRY``
     The matching ``Replay`` options.
 ``REPLAY_ALLOWED_ORIGINS``
     Comma-separated; unset means same-origin only.
@@ -44,6 +44,11 @@ HTTP routes:
     The SSE route (``replay.sse_route``); the FastAPI app mounts it with ``app.add_route``.
 ``GET /position?topic=``, ``GET /history?topic=&after=&limit=``, ``GET /stats``
     The store's position, ``replay.history`` (offsets and data), ``replay.stats()``.
+``POST /revoke?identity=``
+    ``replay.revoke(identity)``: a server-side drop of that identity's connections and streams
+    (this app's ``identify`` accepts the identity again on the reconnect).
+``GET /replay.js``
+    The browser client (``replay.client_route``).
 """
 
 from __future__ import annotations
@@ -172,6 +177,7 @@ def _replay_options() -> dict[str, Any]:
         ("REPLAY_FRAME_BURST", "frame_burst"),
         ("REPLAY_MAX_BAD_FRAMES", "max_bad_frames"),
         ("REPLAY_MAX_SUBSCRIPTIONS", "max_subscriptions"),
+        ("REPLAY_SSE_RETRY", "sse_retry"),
     ):
         if (number := _env_int(env)) is not None:
             options[name] = number
@@ -337,6 +343,9 @@ def make_app() -> Starlette:
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(replay.stats())
 
+    async def revoke(request: Request) -> JSONResponse:
+        return JSONResponse({"closed": await replay.revoke(request.query_params["identity"])})
+
     return Starlette(
         routes=[
             Route("/health", health),
@@ -346,8 +355,10 @@ def make_app() -> Starlette:
             Route("/position", position),
             Route("/history", history),
             Route("/stats", stats),
+            Route("/revoke", revoke, methods=["POST"]),
             replay.route("/ws"),
             replay.sse_route("/sse"),
+            replay.client_route("/replay.js"),
         ],
         lifespan=lifespan,
     )
