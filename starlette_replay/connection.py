@@ -761,10 +761,33 @@ class Connection:
     async def _start(self, frame: Subscribe, sub: Subscription, cursor: Cursor | None, pos: Position) -> None:
         """Steps 3 to 6 of the hand-off: decide where the replay starts, confirm, replay, go live.
 
-        The one place where a resume is decided (``recovered``, the replay's
-        start), for the WebSocket and the SSE route alike. Raises ``FrameError``
+        For the WebSocket and the SSE route alike. Raises ``FrameError``
         (``unavailable``) before the confirmation when the store cannot be
         read; ends the connection (1013) when the replay cannot be completed.
+        """
+        topic = frame.topic
+        start, recovered, first_page = await self._resume_point(frame, sub, cursor, pos)
+        await self._reply(self._confirmation(frame, pos, resumed=cursor is not None, recovered=recovered, start=start))
+        try:
+            last = await self._replay(topic, pos.epoch, start, pos.head, first_page)
+        except StoreUnavailable as exc:
+            await self._stop(CloseCode.TRY_AGAIN_LATER, f"store unavailable during replay: {exc}")
+        if last != pos.head:
+            await self._stop(CloseCode.TRY_AGAIN_LATER, f"history of {topic!r} changed during replay")
+        sub.go_live(pos.epoch, last)
+
+    async def _resume_point(
+        self, frame: Subscribe, sub: Subscription, cursor: Cursor | None, pos: Position
+    ) -> tuple[int, bool, list[Event] | None]:
+        """The resume decision, in one place for both routes: where the replay starts, whether it is recovered.
+
+        Returns ``(start, recovered, first_page)``: the replay sends the events
+        ``start+1 .. pos.head``; ``first_page`` is the first page of them when
+        it was read already. ``cursor`` is the one to resume from (``frame``'s,
+        with its ``time``, or the identity's stored one); without one,
+        ``frame.rewind`` events are replayed. The decision is counted in the
+        metrics. Raises ``FrameError`` (``unavailable``), with ``sub`` dropped,
+        when the store cannot be read.
         """
         topic, ref = frame.topic, frame.ref
         store = self._store
@@ -814,14 +837,7 @@ class Connection:
             start = first_page[0].offset - 1
             recovered = False
         self._metrics.subscribed(cursor, pos, start, recovered, reason)
-        await self._reply(self._confirmation(frame, pos, resumed=cursor is not None, recovered=recovered, start=start))
-        try:
-            last = await self._replay(topic, pos.epoch, start, pos.head, first_page)
-        except StoreUnavailable as exc:
-            await self._stop(CloseCode.TRY_AGAIN_LATER, f"store unavailable during replay: {exc}")
-        if last != pos.head:
-            await self._stop(CloseCode.TRY_AGAIN_LATER, f"history of {topic!r} changed during replay")
-        sub.go_live(pos.epoch, last)
+        return start, recovered, first_page
 
     def _confirmation(self, frame: Subscribe, pos: Position, *, resumed: bool, recovered: bool, start: int) -> str:
         """The ``subscribed`` frame for ``frame``: the replay follows from ``start`` to ``pos.head``."""

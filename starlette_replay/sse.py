@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .connection import AsgiSend, Authorize, Connection, Limits
-from .endpoint import Endpoint, Refusal
+from .endpoint import Endpoint, Refusal, origin_allowed
 from .events import Event
 from .hub import Hub, Subscription
 from .protocol import (
@@ -195,13 +195,18 @@ class EventStream(Connection):
                 return
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, refusal: Refusal, cors: list[tuple[bytes, bytes]]
+) -> None:
     response = Response(
         encode_error(refusal.code, refusal.reason),
         status_code=refusal.status,
         media_type="application/json",
         headers={"cache-control": "no-store"},
     )
+    response.raw_headers += cors
+    if refusal.status == 405:
+        response.raw_headers.append((b"allow", b"GET"))
     await response(scope, receive, send)
 
 
@@ -238,10 +243,32 @@ class SSEEndpoint:
         """The response for ``request``: a stream, or a refusal before any stream byte."""
         return EventStreamResponse(lambda receive, send: self.serve(request, receive, send))
 
+    def _cors(self, request: Request) -> list[tuple[bytes, bytes]]:
+        """CORS headers for a page of another origin that the origin rule allows (else none).
+
+        The origin rule is the WebSocket handshake's: the origins allowed to use
+        the browser's cookies on this route. A browser shows such a page the
+        stream (and a refusal's body) only with these headers.
+        """
+        origin = request.headers.get("origin")
+        if origin is None or not origin_allowed(
+            origin, request.headers.get("host"), request.url.scheme, self._endpoint.allowed_origins
+        ):
+            return []
+        return [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"origin"),
+        ]
+
     async def serve(self, request: Request, receive: Receive, send: Send) -> None:
         """Answer one SSE request from its first byte to its last. Never raises (a failed send is the client gone)."""
         conn_id = secrets.token_hex(4)
         scope = request.scope
+        cors = self._cors(request)
+        if request.method != "GET":  # Starlette routes HEAD to a GET endpoint: a stream has no HEAD
+            await _refuse(scope, receive, send, Refusal(405, ErrorCode.BAD_REQUEST, "use GET"), cors)
+            return
         params = request.query_params
         cursor_list = request.headers.get("last-event-id")
         if cursor_list is None:
@@ -255,12 +282,12 @@ class SSEEndpoint:
             )
         except FrameError as exc:
             logger.info("[%s] stream refused: %s", conn_id, exc.message)
-            await _refuse(scope, receive, send, Refusal(400, exc.code, exc.message))
+            await _refuse(scope, receive, send, Refusal(400, exc.code, exc.message), cors)
             return
         try:
             identity = await self._endpoint.admit(request, conn_id)
         except Refusal as admission:
-            await _refuse(scope, receive, send, admission)
+            await _refuse(scope, receive, send, admission, cors)
             return
         stream = EventStream(
             request,
@@ -288,10 +315,10 @@ class SSEEndpoint:
             if refusal is not None:
                 logger.info("[%s] stream refused with %d: %s", conn_id, refusal.status, refusal.reason)
                 await stream.leave_all()
-                await _refuse(scope, receive, send, refusal)
+                await _refuse(scope, receive, send, refusal, cors)
                 return
             try:
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + cors})
             except Exception as exc:  # the client left already
                 logger.debug("[%s] client gone before the stream started: %r", conn_id, exc)
                 await stream.leave_all()

@@ -108,8 +108,17 @@ def query(topics: Sequence[str], **params: object) -> str:
 class AsgiStream:
     """One SSE request to an ASGI app, in process. Use ``async with AsgiStream(app, ...) as s``."""
 
-    def __init__(self, app: Any, path: str, query_string: str = "", headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        path: str,
+        query_string: str = "",
+        headers: Mapping[str, str] | None = None,
+        *,
+        method: str = "GET",
+    ) -> None:
         self.app = app
+        self.method = method
         self.path = path
         self.query_string = query_string
         self.headers = dict(headers or {})
@@ -148,7 +157,7 @@ class AsgiStream:
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.4"},
             "http_version": "1.1",
-            "method": "GET",
+            "method": self.method,
             "scheme": "http",
             "path": self.path,
             "raw_path": self.path.encode(),

@@ -170,6 +170,30 @@ async def test_the_same_origin_is_served(served: tuple[Replay, Any]) -> None:
         assert stream.status == 200
 
 
+async def test_head_is_a_405(served: tuple[Replay, Any]) -> None:
+    _, app = served
+    async with AsgiStream(app, "/sse", query(["a"]), method="HEAD") as stream:
+        await stream.ended_within()
+    assert (stream.status, stream.response_headers["allow"]) == (405, "GET")
+
+
+async def test_an_allowed_page_of_another_origin_gets_cors_headers() -> None:
+    replay = Replay(authorize=allow_all, allowed_origins=["https://app.example"])
+    async with running(make_sse_app(replay)) as app:
+        async with AsgiStream(app, "/sse", query(["a"]), {"origin": "https://app.example"}) as stream:
+            assert stream.status == 200
+            assert stream.response_headers["access-control-allow-origin"] == "https://app.example"
+            assert stream.response_headers["access-control-allow-credentials"] == "true"
+            assert stream.response_headers["vary"] == "origin"
+        # a refusal's body is readable by that page too
+        bad = await refused(app, query(["a", "a"]), {"origin": "https://app.example"})
+        assert bad.response_headers["access-control-allow-origin"] == "https://app.example"
+        # and nothing for an origin the rule refuses
+        evil = await refused(app, query(["a"]), {"origin": "https://evil.example"})
+        assert evil.status == 403
+        assert "access-control-allow-origin" not in evil.response_headers
+
+
 async def test_identify_refusing_is_a_403_and_its_identity_is_used(served: tuple[Replay, Any]) -> None:
     seen: list[HTTPConnection] = []
 
@@ -396,8 +420,9 @@ async def test_a_slow_consumer_is_ended(served: tuple[Replay, Any]) -> None:
 
     async with AsgiStream(slow, "/sse", query(["a"])) as stream:
         await stream.frame()
-        for n in range(30):
-            await replay.publish("a", "tick", {"n": n})  # never waits for the stuck client
+        with anyio.fail_after(5):
+            for n in range(30):
+                await replay.publish("a", "tick", {"n": n})  # never waits for the stuck client
         (connection,) = replay._registry.connections
         assert connection.close_code == 1013
         blocked.set()
@@ -462,3 +487,40 @@ async def test_a_stream_and_a_websocket_share_the_hub(served: tuple[Replay, Any]
         from_ws = await ws.recv()
         from_sse, _ = await stream.frame()
         assert from_ws == from_sse
+
+
+class _RacingStore(MemoryStore):
+    """Publishes while a stream joins: one event between the live registration and the head read
+    (live and replayed: the hand-off must drop one copy), one while the first page is read (live only)."""
+
+    racing = False
+
+    async def position(self, topic: str) -> Any:
+        if self.racing:
+            await self.append(topic, [("tick", '{"during":"position"}')])
+        return await super().position(topic)
+
+    async def read(self, topic: str, after: int, limit: int) -> Any:
+        if self.racing:
+            await self.append(topic, [("tick", '{"during":"read"}')])
+        return await super().read(topic, after, limit)
+
+
+async def test_events_published_during_the_join_come_once_each_in_order() -> None:
+    store = _RacingStore()
+    replay = Replay(store, authorize=allow_all)
+    async with running(make_sse_app(replay)) as app:
+        events = [await replay.publish("a", "tick", {"n": n}) for n in range(3)]
+        store.racing = True
+        async with AsgiStream(app, "/sse", query(["a"]), {"last-event-id": f"{events[0].epoch}:1"}) as stream:
+            sub, _ = await stream.frame()
+            # the head includes the event published during position(): replayed 2, 3 and 4
+            assert (sub["offset"], sub["replayed"], sub["recovered"]) == (4, 3, True)
+            store.racing = False
+            got = [await stream.frame() for _ in range(4)]
+            assert [f["offset"] for f, _ in got] == [2, 3, 4, 5]
+            assert [f["data"] for f, _ in got][2:] == [{"during": "position"}, {"during": "read"}]
+            await replay.publish("a", "tick", {"n": "after"})
+            frame, event_id = await stream.frame()
+            assert frame["offset"] == 6
+            assert event_id == f"{events[0].epoch}:6:{frame['time']}"
