@@ -10,6 +10,7 @@ and granian. Every stream is checked frame by frame by ``SSESubscriber``.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 import anyio
@@ -310,3 +311,33 @@ async def test_a_server_restart_ends_the_stream_and_the_client_resumes(
             assert (resumed["resumed"], resumed["recovered"], resumed["replayed"]) == (True, True, 2)
             await tab.drop()
     tab.assert_exact({"restart": 5})
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        _kind("uvicorn", "uvicorn"),
+        _kind("hypercorn", "hypercorn"),
+        _kind("hypercorn-trio", "trio"),
+        _kind("granian", "granian"),
+    ],
+)
+async def test_shutdown_ends_open_streams_within_a_bound(uvicorn_servers: ServerFactory, kind: str) -> None:
+    # What each server does differs and is recorded, not required: uvicorn waits for open
+    # responses until --timeout-graceful-shutdown (3 s here), then cancels them (and logs that at
+    # ERROR, with the stream's frames in the traceback); granian waits for them without end
+    # unless --workers-kill-timeout is given. The stream must end either way.
+    extra = ("--workers-kill-timeout", "3") if kind == "granian" else ()
+    server = uvicorn_servers(server=kind, env={"REPLAY_STORE": "memory"}, allow_errors=True, extra_args=extra)
+    tab = _subscriber(server, ["bye"])
+    with anyio.fail_after(20):
+        await tab.connect()
+        await tab.recv()
+    if kind == "hypercorn" and sys.version_info >= (3, 12):
+        pytest.xfail("hypercorn's asyncio worker waits on SIGTERM until every client leaves on Python 3.12+")
+    server.terminate()
+    with anyio.fail_after(15):
+        assert await tab.recv(within=15) is None  # the body ends, or the connection drops
+    server.wait(15)
+    await tab.drop()
+    assert not tab.violations, tab.violations
