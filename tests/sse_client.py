@@ -135,6 +135,10 @@ class AsgiStream:
         self._done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.chunks: list[bytes] = []
+        # A transport that stops taking body chunks while ``stuck`` (a full socket buffer).
+        self.stuck = False
+        self.unstuck = anyio.Event()
+        self.stalled = anyio.Event()
 
     async def __aenter__(self) -> AsgiStream:
         self._tg = anyio.create_task_group()
@@ -185,6 +189,9 @@ class AsgiStream:
                 self._started.set()
             elif message["type"] == "http.response.body":
                 assert not self.ended, "a body chunk after the end"
+                if self.stuck:
+                    self.stalled.set()
+                    await self.unstuck.wait()
                 chunk = message.get("body", b"")
                 self.body += chunk
                 if chunk:
@@ -227,6 +234,15 @@ class AsgiStream:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    @property
+    def done(self) -> bool:
+        """The app returned for this request."""
+        return self._done.is_set()
+
+    async def wait_done(self, within: float = TIMEOUT) -> None:
+        with anyio.fail_after(within):
+            await self._done.wait()
 
 
 class RawStream:

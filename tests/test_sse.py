@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -524,3 +525,51 @@ async def test_events_published_during_the_join_come_once_each_in_order() -> Non
             frame, event_id = await stream.frame()
             assert frame["offset"] == 6
             assert event_id == f"{events[0].epoch}:6:{frame['time']}"
+
+
+class _HttpSendTimeout:
+    """Bounds every HTTP send with asyncio.timeout, as apps do to shed stuck clients: it cancels the
+    task that entered it, so a send stepped inside the publisher's task would cancel the publisher."""
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import asyncio
+
+        async def send_within(message: Any) -> None:
+            async with asyncio.timeout(self.timeout):
+                await send(message)
+
+        await self.app(scope, receive, send_within if scope["type"] == "http" else send)
+
+
+async def test_a_stuck_stream_under_a_send_timeout_middleware_never_reaches_the_publisher() -> None:
+    from starlette.middleware import Middleware
+
+    replay = Replay(authorize=allow_all)
+    app = Starlette(
+        routes=[replay.sse_route("/sse")],
+        middleware=[Middleware(_HttpSendTimeout, timeout=0.1)],
+        lifespan=replay.lifespan,
+    )
+    events = 300
+    async with running(app) as app_, AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(AsgiStream(app_, "/sse", query(["t"]))) for _ in range(3)]
+        for stream in streams:
+            await stream.frame()
+        a, b, stuck = streams
+        stuck.stuck = True
+        stack.callback(stuck.unstuck.set)  # unwound first: the stuck transport lets go
+        with anyio.fail_after(20):
+            for i in range(events):  # about one a millisecond, in this task: it must never be cancelled
+                await replay.publish("t", "x", {"i": i})
+                await anyio.sleep(0.001)
+            await stuck.wait_done()  # its send timed out: that stream ended
+            got = {}
+            for name, stream in (("a", a), ("b", b)):
+                got[name] = [(await stream.frame())[0]["offset"] for _ in range(events)]
+        assert got["a"] == got["b"] == list(range(1, events + 1))
+        assert stuck.stalled.is_set()
+        assert replay.stats()["connections"] == 2
