@@ -573,3 +573,19 @@ async def test_a_stuck_stream_under_a_send_timeout_middleware_never_reaches_the_
         assert got["a"] == got["b"] == list(range(1, events + 1))
         assert stuck.stalled.is_set()
         assert replay.stats()["connections"] == 2
+
+
+async def test_a_reused_offset_is_not_recovered_over_sse_either(served: tuple[Replay, Any]) -> None:
+    # protocol.md, "Reused offsets": the entry's time is the time of the event the client had at
+    # that offset; another event there now (a store that lost events but kept the epoch) is a gap.
+    replay, app = served
+    events = [await replay.publish("a", "tick", {"n": n}) for n in range(3)]
+    epoch, other_time = events[0].epoch, events[1].time + 1
+    async with AsgiStream(app, "/sse", query(["a"]), {"last-event-id": f"{epoch}:2:{other_time}"}) as stream:
+        sub, sub_id = await stream.frame()
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, False, 3)
+        assert sub_id == f"{epoch}:0"
+    async with AsgiStream(app, "/sse", query(["a"]), {"last-event-id": f"{epoch}:2:{events[1].time}"}) as stream:
+        sub, sub_id = await stream.frame()
+        assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, True, 1)
+        assert sub_id == f"{epoch}:2:{events[1].time}"
