@@ -232,17 +232,24 @@ def _kind(name: str, module: str) -> object:
     )
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        _kind("uvicorn", "uvicorn"),
-        _kind("hypercorn", "hypercorn"),
-        _kind("hypercorn-trio", "trio"),
-        _kind("granian", "granian"),
-    ],
-)
+SERVERS = [
+    _kind("uvicorn", "uvicorn"),
+    _kind("hypercorn", "hypercorn"),
+    _kind("hypercorn-trio", "trio"),
+    _kind("granian", "granian"),
+    _kind("daphne", "daphne"),
+]
+
+
+def _server_options(kind: str) -> dict[str, Any]:
+    if kind == "daphne":  # no lifespan: the README's LifespanOnFirstRequest (tests/e2e/daphne_app.py)
+        return {"server": "daphne", "app": "tests.e2e.daphne_app:app", "factory": False}
+    return {"server": kind}
+
+
+@pytest.mark.parametrize("kind", SERVERS)
 async def test_the_sse_promise_under_each_server(uvicorn_servers: ServerFactory, kind: str) -> None:
-    server = uvicorn_servers(server=kind, env={"REPLAY_STORE": "memory"}, allow_errors=kind == "hypercorn")
+    server = uvicorn_servers(**_server_options(kind), env={"REPLAY_STORE": "memory"}, allow_errors=kind == "hypercorn")
     tab = _subscriber(server, ["srv", "srv-2"], name="tab")
     other = _subscriber(server, ["srv", "srv-2"], name="other")
     async with httpx.AsyncClient(base_url=server.http_url, timeout=30.0) as http:
@@ -313,22 +320,16 @@ async def test_a_server_restart_ends_the_stream_and_the_client_resumes(
     tab.assert_exact({"restart": 5})
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        _kind("uvicorn", "uvicorn"),
-        _kind("hypercorn", "hypercorn"),
-        _kind("hypercorn-trio", "trio"),
-        _kind("granian", "granian"),
-    ],
-)
+@pytest.mark.parametrize("kind", SERVERS)
 async def test_shutdown_ends_open_streams_within_a_bound(uvicorn_servers: ServerFactory, kind: str) -> None:
     # What each server does differs and is recorded, not required: uvicorn waits for open
     # responses until --timeout-graceful-shutdown (3 s here), then cancels them (and logs that at
     # ERROR, with the stream's frames in the traceback); granian waits for them without end
     # unless --workers-kill-timeout is given. The stream must end either way.
     extra = ("--workers-kill-timeout", "3") if kind == "granian" else ()
-    server = uvicorn_servers(server=kind, env={"REPLAY_STORE": "memory"}, allow_errors=True, extra_args=extra)
+    server = uvicorn_servers(
+        **_server_options(kind), env={"REPLAY_STORE": "memory"}, allow_errors=True, extra_args=extra
+    )
     tab = _subscriber(server, ["bye"])
     with anyio.fail_after(20):
         await tab.connect()
