@@ -274,9 +274,10 @@ class Replay:
     async def sse_endpoint(self, request: Request) -> Response:
         """The Server-sent events endpoint: ``app.add_route("/sse", replay.sse_endpoint)``.
 
-        Returns the response for ``request``: a ``text/event-stream`` of the
-        ``topic`` parameters' frames, or a refusal (an HTTP status and a JSON
-        error body) before any stream byte. See docs/sse.md.
+        Returns the response for ``request`` at once, without raising: a
+        ``text/event-stream`` of the ``topic`` parameters' frames, or a refusal
+        (an HTTP status and a JSON error body) before any stream byte, decided
+        when the response runs. See docs/sse.md.
         """
         return self._sse.response(request)
 

@@ -151,13 +151,14 @@ class EventStream(Connection):
                 self._gone = True
                 return
 
-    async def join(self) -> Refusal | None:
+    async def join_all(self) -> Refusal | None:
         """Authorize and join every topic, before the response starts.
 
         Returns the refusal to answer with (403 for a topic ``authorize``
         refuses, naming it; 500 when ``authorize`` fails; 503 when the store
         cannot be reached), or None when every topic is joined. Whatever was
-        joined is left by :meth:`run`'s clean-up, or by :meth:`leave_all`.
+        joined is left by :meth:`run`'s clean-up, or by :meth:`leave_all`. Cancelling is
+        safe when the caller then calls :meth:`leave_all` (``SSEEndpoint.serve`` does).
         """
         for frame in self._subscribes:
             try:
@@ -174,7 +175,7 @@ class EventStream(Connection):
         return None
 
     async def leave_all(self) -> None:
-        """Leave every joined topic: a stream refused after :meth:`join`, or never started. Shielded."""
+        """Leave every joined topic: a stream refused after :meth:`join_all`, or never started. Shielded."""
         with anyio.CancelScope(shield=True):
             for sub in list(self.subs.values()):
                 await self._hub.leave(sub)
@@ -305,7 +306,7 @@ class SSEEndpoint:
         # Reserved with no await since admit() checked the identity's limit (as on the WebSocket route).
         registry.reserve(stream)
         try:
-            refusal = await stream.join()
+            refusal = await stream.join_all()
             if refusal is None and stream.close_code is not None:
                 # Revoked, shut down or already too slow while it joined.
                 if stream.close_code == CloseCode.POLICY_VIOLATION:

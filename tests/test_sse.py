@@ -589,3 +589,27 @@ async def test_a_reused_offset_is_not_recovered_over_sse_either(served: tuple[Re
         sub, sub_id = await stream.frame()
         assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, True, 1)
         assert sub_id == f"{epoch}:2:{events[1].time}"
+
+
+async def test_a_stream_under_base_http_middleware_ends_when_the_client_leaves() -> None:
+    # FastAPI's @app.middleware("http") is a BaseHTTPMiddleware: it relays the body through a
+    # stream of its own and the disconnect through its receive.
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    class PassThrough(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            return await call_next(request)
+
+    replay = Replay(authorize=allow_all)
+    app = Starlette(routes=[replay.sse_route("/sse")], middleware=[Middleware(PassThrough)], lifespan=replay.lifespan)
+    async with running(app) as app_:
+        async with AsgiStream(app_, "/sse", query(["a"])) as stream:
+            await stream.frame()
+            await replay.publish("a", "x", {})
+            frame, _ = await stream.frame()
+            assert frame["offset"] == 1
+        await stream.wait_done()
+        assert replay.stats()["connections"] == 0
