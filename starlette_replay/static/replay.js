@@ -829,6 +829,12 @@ export class ReplayClient {
   _send(frame) {
     const ws = this._ws;
     if (!ws || !this._wsOpened || ws.readyState !== 1) return false;
+    if (this._sse) {
+      // Nothing goes to the server (the stream's request carries the subscriptions): no pacing,
+      // or the subscribes of many topics would miss the stream's first request.
+      ws.send(JSON.stringify(frame));
+      return true;
+    }
     this._outbox.push(frame);
     if (this._paceTimer === null) this._drain(false);
     return true;

@@ -316,3 +316,18 @@ test("close() ends the stream and stops; acks are never sent over SSE", async ()
   assert.equal(t.client.state, "closed");
   assert.ok(t.streams[0].aborted);
 });
+
+test("many topics at once (past the pacer's burst) share the first stream", async () => {
+  const t = setup();
+  const topics = Array.from({ length: 150 }, (_, i) => `t${i}`);
+  for (const topic of topics) collect(t.client, topic);
+  await tick();
+  await tick();
+  assert.equal(t.streams.length, 1);
+  assert.deepEqual(t.stream().topics, topics);
+  t.stream().accept();
+  for (const topic of topics) t.stream().send(subscribed(topic, 0));
+  await tick();
+  assert.equal(t.streams.length, 1, "no reopen");
+  assert.ok(topics.every((topic) => t.client.subscription(topic).state === "active"));
+});
