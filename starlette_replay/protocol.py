@@ -46,6 +46,7 @@ __all__ = [
     "Unsubscribed",
     "check_event_type",
     "check_topic",
+    "cursor_list_fits",
     "encode_client_frame",
     "encode_cursor_entry",
     "encode_data",
@@ -679,6 +680,17 @@ def parse_stream_request(
             epoch, offset, time = cursor
             subscribes.append(Subscribe(topic, epoch, offset, rewind, time=time))
     return StreamRequest(subscribes)
+
+
+def cursor_list_fits(epochs: list[str]) -> bool:
+    """Whether every cursor list a stream of topics in these epochs can write stays within ``MAX_CURSOR_LIST_LENGTH``.
+
+    Counts the longest entries possible (offsets and times of 16 digits): a
+    stream must never write an ``id:`` that its own reconnect would be refused
+    for.
+    """
+    digits = len(str(MAX_OFFSET))
+    return sum(len(epoch) + 2 + 2 * digits for epoch in epochs) + len(epochs) - 1 <= MAX_CURSOR_LIST_LENGTH
 
 
 def encode_cursor_entry(epoch: str, offset: int, time: int | None = None) -> str:

@@ -37,6 +37,7 @@ from .protocol import (
     FrameError,
     StreamRequest,
     Subscribe,
+    cursor_list_fits,
     encode_cursor_entry,
     encode_error,
     encode_event,
@@ -156,7 +157,9 @@ class EventStream(Connection):
 
         Returns the refusal to answer with (403 for a topic ``authorize``
         refuses, naming it; 500 when ``authorize`` fails; 503 when the store
-        cannot be reached), or None when every topic is joined. Whatever was
+        cannot be reached; 400 ``too_many_subscriptions`` when the topics'
+        cursor lists could outgrow ``MAX_CURSOR_LIST_LENGTH``), or None when
+        every topic is joined. Whatever was
         joined is left by :meth:`run`'s clean-up, or by :meth:`leave_all`. Cancelling is
         safe when the caller then calls :meth:`leave_all` (``SSEEndpoint.serve`` does).
         """
@@ -172,6 +175,14 @@ class EventStream(Connection):
             except FrameError as exc:
                 return Refusal(503, exc.code, exc.message)
             self._joined.append((frame, sub, cursor, pos))
+        if not cursor_list_fits([pos.epoch for _, _, _, pos in self._joined]):
+            # Its id: lines could outgrow what a reconnect may send: refused now, not then.
+            return Refusal(
+                400,
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"{len(self._joined)} topics do not fit one stream's cursor list (8192 characters): "
+                "split them over several streams",
+            )
         return None
 
     async def leave_all(self) -> None:

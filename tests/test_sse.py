@@ -146,6 +146,18 @@ async def test_bad_input_is_a_400_and_nothing_else(
     assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
+async def test_more_topics_than_a_cursor_list_can_hold_are_refused_before_the_stream() -> None:
+    # 16-character epochs: an entry is at most 16 + 1 + 16 + 1 + 16 characters, so 160 fit in 8,192 with their commas.
+    replay = Replay(authorize=allow_all, max_subscriptions=500)
+    async with running(make_sse_app(replay)) as app:
+        async with AsgiStream(app, "/sse", query([f"t{i}" for i in range(160)])) as stream:
+            assert stream.status == 200
+        stream = await refused(app, query([f"t{i}" for i in range(161)]))
+        assert (stream.status, stream.json()["code"]) == (400, "too_many_subscriptions")
+        assert "cursor list" in stream.json()["message"]
+        assert replay.stats()["subscriptions"] == 0
+
+
 async def test_an_empty_entry_is_a_topic_without_a_cursor(served: tuple[Replay, Any]) -> None:
     replay, app = served
     first = await replay.publish("a", "tick", {"n": 1})
