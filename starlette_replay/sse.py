@@ -159,9 +159,9 @@ class EventStream(Connection):
         refuses, naming it; 500 when ``authorize`` fails; 503 when the store
         cannot be reached; 400 ``too_many_subscriptions`` when the topics'
         cursor lists could outgrow ``MAX_CURSOR_LIST_LENGTH``), or None when
-        every topic is joined. Whatever was
-        joined is left by :meth:`run`'s clean-up, or by :meth:`leave_all`. Cancelling is
-        safe when the caller then calls :meth:`leave_all` (``SSEEndpoint.serve`` does).
+        every topic is joined. Whatever was joined is left by :meth:`run`'s
+        clean-up, or by :meth:`leave_all`. Cancelling is safe when the caller
+        then calls :meth:`leave_all` (``SSEEndpoint.serve`` does).
         """
         for frame in self._subscribes:
             try:
@@ -317,7 +317,11 @@ class SSEEndpoint:
         # Reserved with no await since admit() checked the identity's limit (as on the WebSocket route).
         registry.reserve(stream)
         try:
-            refusal = await stream.join_all()
+            try:
+                refusal = await stream.join_all()
+            except BaseException:  # cancelled (the server gave up on the request), or a bug
+                await stream.leave_all()
+                raise
             if refusal is None and stream.close_code is not None:
                 # Revoked, shut down or already too slow while it joined.
                 if stream.close_code == CloseCode.POLICY_VIOLATION:

@@ -235,6 +235,11 @@ class AsgiStream:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def discard(self) -> None:
+        """Close the message streams of a request that was run by hand (``_run``), not with ``async with``."""
+        self._messages[0].close()
+        self._messages[1].close()
+
     @property
     def done(self) -> bool:
         """The app returned for this request."""

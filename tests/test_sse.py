@@ -625,3 +625,30 @@ async def test_a_stream_under_base_http_middleware_ends_when_the_client_leaves()
             assert frame["offset"] == 1
         await stream.wait_done()
         assert replay.stats()["connections"] == 0
+
+
+async def test_a_request_cancelled_while_it_joins_leaves_nothing_behind() -> None:
+    class Stalling(MemoryStore):
+        stall = False
+        stalled = anyio.Event()
+
+        async def position(self, topic: str) -> Any:
+            if self.stall:
+                self.stalled.set()
+                await anyio.sleep_forever()
+            return await super().position(topic)
+
+    store = Stalling()
+    replay = Replay(store, authorize=allow_all)
+    async with running(make_sse_app(replay)) as app:
+        store.stall = True
+        stream = AsgiStream(app, "/sse", query(["a", "b"]))
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream._run)  # the request, as a server runs it
+                await store.stalled.wait()
+                assert replay.stats()["subscriptions"] == 1  # "a" joined, "b" reading its head
+                tg.cancel_scope.cancel()  # the server gives up on the request
+        stream.discard()
+        assert stream.status is None  # nothing was sent
+        assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
