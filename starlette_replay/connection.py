@@ -767,7 +767,7 @@ class Connection:
         """
         topic = frame.topic
         start, recovered, first_page = await self._resume_point(frame, sub, cursor, pos)
-        await self._reply(self._confirmation(frame, pos, resumed=cursor is not None, recovered=recovered, start=start))
+        await self._reply(self._confirmation(frame, pos, cursor, recovered=recovered, start=start))
         try:
             last = await self._replay(topic, pos.epoch, start, pos.head, first_page)
         except StoreUnavailable as exc:
@@ -839,13 +839,16 @@ class Connection:
         self._metrics.subscribed(cursor, pos, start, recovered, reason)
         return start, recovered, first_page
 
-    def _confirmation(self, frame: Subscribe, pos: Position, *, resumed: bool, recovered: bool, start: int) -> str:
-        """The ``subscribed`` frame for ``frame``: the replay follows from ``start`` to ``pos.head``."""
+    def _confirmation(
+        self, frame: Subscribe, pos: Position, cursor: Cursor | None, *, recovered: bool, start: int
+    ) -> str:
+        """The ``subscribed`` frame for ``frame``, resumed from ``cursor`` (or not): the replay follows
+        from ``start`` to ``pos.head``."""
         return encode_subscribed(
             frame.topic,
             pos.epoch,
             pos.head,
-            resumed=resumed,
+            resumed=cursor is not None,
             recovered=recovered,
             replayed=pos.head - start,
             ref=frame.ref,

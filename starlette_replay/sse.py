@@ -120,11 +120,13 @@ class EventStream(Connection):
             event.topic, encode_cursor_entry(event.epoch, event.offset, event.time), encode_event(event)
         )
 
-    def _confirmation(self, frame: Subscribe, pos: Position, *, resumed: bool, recovered: bool, start: int) -> str:
-        # The position just before the first event that follows; with the time the
-        # client sent when that is its own cursor (then the server knows it).
-        time = frame.time if recovered and frame.epoch == pos.epoch and frame.offset == start else None
-        confirmation = super()._confirmation(frame, pos, resumed=resumed, recovered=recovered, start=start)
+    def _confirmation(
+        self, frame: Subscribe, pos: Position, cursor: Cursor | None, *, recovered: bool, start: int
+    ) -> str:
+        # The position just before the first event that follows; with the time of the
+        # cursor (the client's, or the identity's stored one) when the replay starts at it.
+        time = cursor.time if cursor is not None and recovered and cursor.offset == start else None
+        confirmation = super()._confirmation(frame, pos, cursor, recovered=recovered, start=start)
         return self._message(frame.topic, encode_cursor_entry(pos.epoch, start, time), confirmation)
 
     # --- the carrier ---------------------------------------------------------------

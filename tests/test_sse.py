@@ -238,11 +238,11 @@ async def test_a_stored_cursor_is_resumed_for_a_topic_without_an_entry(served: t
     replay = Replay(store, authorize=allow_all, identify=identify)
     async with running(make_sse_app(replay)) as app:
         events = [await replay.publish("a", "tick", {"n": n}) for n in range(3)]
-        await store.save_cursor("alice", "a", Cursor(events[0].epoch, 1))
+        await store.save_cursor("alice", "a", Cursor(events[0].epoch, 1, events[0].time))
         async with AsgiStream(app, "/sse", query(["a"])) as stream:
             frame, event_id = await stream.frame()
             assert (frame["resumed"], frame["recovered"], frame["replayed"]) == (True, True, 2)
-            assert event_id == f"{events[0].epoch}:1"
+            assert event_id == f"{events[0].epoch}:1:{events[0].time}"  # the stored cursor's time too
             assert [(await stream.frame())[0]["offset"] for _ in range(2)] == [2, 3]
 
 
