@@ -652,3 +652,14 @@ async def test_a_request_cancelled_while_it_joins_leaves_nothing_behind() -> Non
         stream.discard()
         assert stream.status is None  # nothing was sent
         assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+
+
+async def test_streams_count_in_the_metrics_as_connections(served: tuple[Replay, Any]) -> None:
+    replay, app = served
+    events = [await replay.publish("a", "tick", {}) for _ in range(2)]
+    async with AsgiStream(app, "/sse", query(["a"]), {"last-event-id": f"{events[0].epoch}:0"}) as stream:
+        await stream.frame()
+        assert replay.metrics.connections_opened == 1
+    await stream.wait_done()
+    assert replay.metrics.closes == {"peer": 1}  # the client left first
+    assert replay.metrics.events_replayed == 2
