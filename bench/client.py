@@ -1,4 +1,4 @@
-"""The lean benchmark client: N raw WebSocket connections in one process.
+"""The lean benchmark client: N raw WebSocket connections (or SSE streams) in one process.
 
 Standard library (plus uvloop when installed), no WebSocket library: a minimal
 RFC 6455 client on an ``asyncio.Protocol`` that offers no extension (so no
@@ -30,7 +30,10 @@ Modes (``--mode``):
 
 ``--kind``: ``replay`` (the library's protocol), ``plain`` (bare and
 broadcaster servers: same subscribe frame, ``{"type":"subscribed"}`` back),
-``socketio`` (Engine.IO 4 / Socket.IO 5 over a WebSocket, text packets).
+``socketio`` (Engine.IO 4 / Socket.IO 5 over a WebSocket, text packets),
+``sse`` (the library's SSE route: ``GET <path>?topic=T`` over HTTP/1.1, the
+chunked body read as it comes, the same frames in ``data:`` lines; a resume
+sends ``Last-Event-ID: <epoch>:<after>``).
 Every run is bounded by ``--timeout`` and prints one JSON object on stdout.
 """
 
@@ -269,6 +272,80 @@ class Conn(asyncio.Protocol):
             self.ready.set_exception(RuntimeError(f"closed ({how}) before subscribed"))
 
 
+class SSEConn(Conn):
+    """One SSE stream: an HTTP/1.1 GET, then the chunked body, each chunk one SSE message (uvicorn
+    writes one per ``send``); events are counted from their ``"s":`` as on a WebSocket."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        resume = f"Last-Event-ID: {self.run.args.epoch}:{self.run.args.after}\r\n" if self.run.args.epoch else ""
+        transport.write(  # type: ignore[attr-defined]
+            (
+                f"GET {self.path}?topic={self.first} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Accept: text/event-stream\r\n{resume}\r\n"
+            ).encode()
+        )
+        self.started_at = time.monotonic_ns()
+
+    def send(self, text: str) -> None:
+        pass  # no client frames over SSE
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            del buf[: end + 4]
+            if b" 200 " not in status:
+                self._fail(f"stream refused: {status.decode(errors='replace')} {bytes(buf[:300])!r}")
+                return
+            self.upgraded = True
+        pos = 0
+        size = len(buf)
+        run = self.run
+        while True:
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            length = int(buf[pos:line_end], 16)
+            start = line_end + 2
+            end = start + length
+            if end + 2 > size:
+                break
+            pos = end + 2
+            if length == 0:  # the end of the body: the server ended the stream
+                self._closed("ended")
+                break
+            i = buf.find(_SEQ, start, end)
+            if i < 0:
+                self._other(bytes(buf[start:end]))
+                continue
+            j = buf.find(b",", i, end)
+            seq = int(buf[i + 4 : j])
+            if seq == self.expected:
+                self.expected = seq + 1
+            elif seq < self.expected:
+                self.dups += 1
+            else:
+                self.gaps += seq - self.expected
+                self.expected = seq + 1
+            self.received += 1
+            if run.latency:
+                k = buf.find(_DUE, j, end)
+                m = buf.find(b",", k, end)
+                run.samples.append(now - int(buf[k + 4 : m]))
+            if run.first_at == 0:
+                run.first_at = now
+            run.last_at = now
+            if self.received >= run.target and not self.finished:
+                self._finish()
+        del buf[:pos]
+
+
 def _topic(args: argparse.Namespace, index: int) -> str:
     """Connection ``index``'s topic: ``--topic``, or with ``--distinct`` one of its own
     (as bench/servers/_common.py's ``topic_name`` names the publishers' topics)."""
@@ -281,6 +358,8 @@ def _first_frame(args: argparse.Namespace, index: int = 0) -> str:
         return "42" + json.dumps(["subscribe", {"topic": topic}])
     if args.kind == "raw":
         return json.dumps({"topic": topic, "after": args.after})
+    if args.kind == "sse":
+        return topic  # the stream's query: ?topic=<this>
     frame: dict[str, Any] = {"type": "subscribe", "topic": topic}
     if args.epoch is not None:
         frame.update(epoch=args.epoch, offset=args.after)
@@ -297,9 +376,11 @@ async def _connect(run: Run, args: argparse.Namespace, count: int) -> list[Conn]
     conns: list[Conn] = []
     batch = 100  # stay well below the server's listen backlog
 
+    kind = SSEConn if args.kind == "sse" else Conn
+
     def factory(index: int) -> Callable[[], Conn]:
         first = _first_frame(args, index)
-        return lambda: Conn(run, first, path, f"{host}:{port}")
+        return lambda: kind(run, first, path, f"{host}:{port}")
 
     for at in range(0, count, batch):
         made = await asyncio.gather(
@@ -415,7 +496,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         run.stopping = True
         for c in conns:
             if c.transport is not None and not c.transport.is_closing():
-                c._write(_control(0x8, (1000).to_bytes(2, "big")))
+                if c.kind != "sse":
+                    c._write(_control(0x8, (1000).to_bytes(2, "big")))
                 c.transport.close()
 
 
@@ -423,7 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/ws")
     p.add_argument("--http", default="", help="http://127.0.0.1:PORT (the trigger, fanout mode)")
-    p.add_argument("--kind", choices=["replay", "plain", "socketio", "raw"], required=True)
+    p.add_argument("--kind", choices=["replay", "plain", "socketio", "raw", "sse"], required=True)
     p.add_argument("--mode", choices=["fanout", "catchup", "idle", "tokens"], default="fanout")
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--events", type=int, default=1000)

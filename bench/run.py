@@ -6,7 +6,7 @@ Usage (from the repository root, after ``bench/setup.sh`` for the peers)::
     .venv/bin/python -m bench.run latency    # open loop: 1000/s and 100/s to 100 clients, 50/s and 10/s to 1000
     .venv/bin/python -m bench.run catchup    # resume after K = 10,000 missed events
     .venv/bin/python -m bench.run publish    # sequential and 50 concurrent publishers (RedisStore)
-    .venv/bin/python -m bench.run memory     # RSS per idle subscribed connection, 2,000 connections
+    .venv/bin/python -m bench.run memory     # RSS per idle subscribed connection (or SSE stream), 2,000 of them
     .venv/bin/python -m bench.run topics     # N clients on N topics, a publisher per topic; N = 100, 1000, 5000
     .venv/bin/python -m bench.run publish-topics  # N concurrent publishers on N topics (RedisStore); N = 1, 50, 2000
     .venv/bin/python -m bench.run tokens     # N token streams at 30 tokens/s (RedisStore); N = 100, 250, 500, 1000
@@ -75,6 +75,7 @@ class Contender:
     app: str
     kind: str  # the lean client's protocol
     env: Callable[[str], dict[str, str]] = field(default=lambda redis_url: {})
+    path: str = "/ws"  # the route the lean client connects to
 
     @property
     def python(self) -> Path:
@@ -92,6 +93,18 @@ CONTENDERS: dict[str, Contender] = {
             "replay_app:app",
             "replay",
             lambda url: {"BENCH_STORE": "redis", "BENCH_REDIS_URL": url},
+        ),
+        # The same servers' SSE route (one GET per client, the same frames in data: lines).
+        Contender(
+            "replay-memory-sse", None, "replay_app:app", "sse", lambda url: {"BENCH_STORE": "memory"}, path="/sse"
+        ),
+        Contender(
+            "replay-redis-sse",
+            None,
+            "replay_app:app",
+            "sse",
+            lambda url: {"BENCH_STORE": "redis", "BENCH_REDIS_URL": url},
+            path="/sse",
         ),
         Contender(
             "broadcaster-redis",
@@ -436,10 +449,11 @@ def _scraping(srv: Server, scraped: bool) -> AbstractContextManager[Scraper | No
 
 
 def client(
-    srv: Server, *args: str, timeout: float = 120.0, kind: str | None = None, path: str = "/ws"
+    srv: Server, *args: str, timeout: float = 120.0, kind: str | None = None, path: str | None = None
 ) -> dict[str, Any]:
-    """Run the lean client once against ``srv`` and return its JSON report."""
-    command = [str(MAIN_PYTHON), str(BENCH / "client.py"), "--url", srv.ws(path), "--http", srv.http]
+    """Run the lean client once against ``srv`` (its contender's route unless ``path``) and return its JSON report."""
+    command = [str(MAIN_PYTHON), str(BENCH / "client.py"), "--url", srv.ws(path or srv.contender.path)]
+    command += ["--http", srv.http]
     command += ["--kind", kind or srv.contender.kind, "--timeout", str(timeout), *args]
     try:
         done = subprocess.run(command, capture_output=True, timeout=timeout + 30, check=False)
@@ -596,7 +610,8 @@ def bench_memory(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
                 warm_up(srv)
                 before = srv.rss_kib()
                 t = topic()
-                command = [str(MAIN_PYTHON), str(BENCH / "client.py"), "--url", srv.ws(), "--http", srv.http]
+                command = [str(MAIN_PYTHON), str(BENCH / "client.py"), "--url", srv.ws(contender.path)]
+                command += ["--http", srv.http]
                 command += ["--kind", contender.kind, "--mode", "idle", "--clients", str(count), "--topic", t]
                 holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                 try:

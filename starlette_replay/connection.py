@@ -1,5 +1,10 @@
 """One accepted WebSocket: its send queue, its subscriptions, its frame handling.
 
+The SSE route's streams (``sse.py``) are Connections too: the same queue,
+writer, limits and replay -> live hand-off (:meth:`Connection._join` then
+:meth:`Connection._start`), with another carrier (an HTTP response body) and no
+client frames.
+
 The *reader* (the endpoint's task) handles the client's frames one at a time,
 in order (an ``ack`` is stored before the next frame is read). Frames to the
 client go out in one order, one send at a time:
@@ -49,6 +54,7 @@ from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
 from .errors import StoreUnavailable
@@ -69,12 +75,16 @@ from .protocol import (
     encode_unsubscribed,
     parse_client_frame,
 )
-from .stores.base import Cursor, EventStore
+from .stores.base import Cursor, EventStore, Position
 
-__all__ = ["Authorize", "Connection", "Limits", "WriterState"]
+__all__ = ["AsgiSend", "Authorize", "Connection", "Limits", "WriterState"]
 
-# The app's hook that allows (True) or refuses a subscribe: (websocket, topic) -> bool | Awaitable[bool].
-Authorize = Callable[[WebSocket, str], "bool | Awaitable[bool]"]
+# The app's hook that allows (True) or refuses a subscribe: (conn, topic) -> bool | Awaitable[bool], where
+# conn is the request's HTTPConnection: a WebSocket on the WebSocket route, a Request on the SSE route.
+Authorize = Callable[[HTTPConnection, str], "bool | Awaitable[bool]"]
+
+# An ASGI send (what a connection writes its frames with).
+AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
 logger = logging.getLogger("starlette_replay.connection")
 
@@ -109,8 +119,8 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
 
 
-def _asgi_send(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[None]]:
-    """The ASGI ``send`` under ``websocket``, for the text frames after ``accept``.
+def _asgi_send(websocket: Any) -> AsgiSend:
+    """The ASGI ``send`` under ``websocket`` (Starlette's, or any object with its ``send``), for the text frames.
 
     Starlette's ``WebSocket.send`` runs its state checks on every call: 1.5 to
     2 µs a frame here (``bench.micro frames``), more than the rest of the
@@ -123,7 +133,8 @@ def _asgi_send(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[Non
     send = getattr(websocket, "_send", None)
     if callable(send) and type(websocket).send is WebSocket.send:
         return send  # type: ignore[no-any-return]
-    return websocket.send
+    fallback: AsgiSend = websocket.send
+    return fallback
 
 
 class WriterState(enum.IntEnum):
@@ -206,17 +217,20 @@ class Connection:
         "_writer_state",
         "close_code",
         "close_reason",
+        "handshake",
         "id",
         "identity",
         "limits",
         "live_queued",
         "subs",
-        "websocket",
     )
+
+    # What the heartbeat sends after heartbeat_interval of silence.
+    ping_frame = encode_ping()
 
     def __init__(
         self,
-        websocket: WebSocket,
+        handshake: HTTPConnection,
         identity: str | None,
         conn_id: str,
         *,
@@ -224,12 +238,18 @@ class Connection:
         store: EventStore,
         limits: Limits,
         authorize: Authorize | None,
+        send: AsgiSend | None = None,
     ) -> None:
-        """One accepted ``websocket`` of ``identity``, with what it works with: the
+        """One accepted connection of ``identity``, with what it works with: the
         ``hub`` it joins topics on, the ``store`` it replays from and saves cursors
-        to, its ``limits`` and the app's ``authorize`` hook."""
-        self.websocket = websocket
-        self._send_asgi = _asgi_send(websocket)
+        to, its ``limits`` and the app's ``authorize`` hook.
+
+        ``handshake`` is the request it was opened with (what the hooks get): a
+        ``WebSocket``, whose ASGI send it writes to, or a ``Request`` (the SSE
+        route), which needs the response's ``send``.
+        """
+        self.handshake = handshake
+        self._send_asgi = send if send is not None else _asgi_send(handshake)
         self.identity = identity
         self.id = conn_id
         self._hub = hub
@@ -298,8 +318,8 @@ class Connection:
                 self._metrics.slow_consumer_closes += 1
                 self.abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
-    def push_live(self, frame: str) -> None:
-        """Send or queue a live frame: :meth:`_push` for the hub, spelt out (once per frame per connection)."""
+    def push_live(self, frame: str, event: Event) -> None:
+        """Send or queue ``event``'s live ``frame``: :meth:`_push` for the hub, spelt out (once per frame)."""
         self._queued += 1
         if self._queue or self._writer_state >= _SENDING or not self._send_inline(frame):
             self._queue.append((frame, True))
@@ -436,9 +456,14 @@ class Connection:
                     await self._flush()
                     with anyio.move_on_after(self.limits.close_timeout):
                         try:
-                            await self.websocket.close(self.close_code, self.close_reason)
+                            await self._close()
                         except Exception:  # the peer went away meanwhile
                             pass
+
+    async def _close(self) -> None:
+        """End the carrier after an abort: the close frame, with ``close_code``."""
+        websocket: Any = self.handshake  # a WebSocket (the SSE stream overrides _close)
+        await websocket.close(self.close_code, self.close_reason)
 
     async def _flush(self) -> None:
         """Before the close frame: send what is queued, as far as the socket takes it at once.
@@ -509,7 +534,7 @@ class Connection:
             return
         if self._writer_state is _PARKED:
             self._writer_state = _RETIRING  # the ping is queued for it, then it ends
-        self._push(encode_ping())
+        self._push(self.ping_frame)
 
     async def _writer(self) -> None:
         """Send what is in flight and queued; park when done; end when retired."""
@@ -552,7 +577,8 @@ class Connection:
             self._wakeup = None
 
     async def _reader(self) -> None:
-        receive = self.websocket.receive
+        websocket: Any = self.handshake  # a WebSocket (the SSE stream overrides _reader)
+        receive = websocket.receive
         max_size = self.limits.max_message_size
         while True:
             message = await receive()
@@ -674,13 +700,13 @@ class Connection:
         if authorize is None:
             raise FrameError(
                 ErrorCode.FORBIDDEN,
-                "no topic is allowed: pass authorize=<callable(websocket, topic) -> bool> to Replay "
+                "no topic is allowed: pass authorize=<callable(conn, topic) -> bool> to Replay "
                 "(or authorize=allow_all for a demo)",
                 ref=ref,
                 topic=topic,
             )
         try:
-            result = authorize(self.websocket, topic)
+            result = authorize(self.handshake, topic)
             if inspect.isawaitable(result):
                 result = await result
         except Exception:
@@ -701,6 +727,20 @@ class Connection:
             )
         if not await self._authorized(topic, ref):
             raise FrameError(ErrorCode.FORBIDDEN, "not allowed to subscribe to this topic", ref=ref, topic=topic)
+        sub, cursor, pos = await self._join(frame)
+        await self._start(frame, sub, cursor, pos)
+
+    async def _join(self, frame: Subscribe) -> tuple[Subscription, Cursor | None, Position]:
+        """Steps 1 and 2 of the replay -> live hand-off (ARCHITECTURE.md): register, confirm, read the head.
+
+        Returns the subscription (held in ``subs``, buffering live events), the
+        cursor to resume from (``frame``'s, else the identity's stored one, else
+        None) and the topic's position, read after the store confirmed live
+        delivery. Raises ``FrameError`` (``unavailable``) with nothing held when
+        the store cannot be reached. The SSE route joins every topic of a stream
+        before it answers, so that an unreachable store is a 503.
+        """
+        topic, ref = frame.topic, frame.ref
         store = self._store
         cursor: Cursor | None = None
         sub = Subscription(self, topic)
@@ -716,7 +756,41 @@ class Connection:
             if self.subs.get(topic) is sub:
                 await self._drop(topic)
             raise FrameError(ErrorCode.UNAVAILABLE, f"store unavailable: {exc}", ref=ref, topic=topic) from None
+        return sub, cursor, pos
 
+    async def _start(self, frame: Subscribe, sub: Subscription, cursor: Cursor | None, pos: Position) -> None:
+        """Steps 3 to 6 of the hand-off: decide where the replay starts, confirm, replay, go live.
+
+        For the WebSocket and the SSE route alike. Raises ``FrameError``
+        (``unavailable``) before the confirmation when the store cannot be
+        read; ends the connection (1013) when the replay cannot be completed.
+        """
+        topic = frame.topic
+        start, recovered, first_page = await self._resume_point(frame, sub, cursor, pos)
+        await self._reply(self._confirmation(frame, pos, cursor, recovered=recovered, start=start))
+        try:
+            last = await self._replay(topic, pos.epoch, start, pos.head, first_page)
+        except StoreUnavailable as exc:
+            await self._stop(CloseCode.TRY_AGAIN_LATER, f"store unavailable during replay: {exc}")
+        if last != pos.head:
+            await self._stop(CloseCode.TRY_AGAIN_LATER, f"history of {topic!r} changed during replay")
+        sub.go_live(pos.epoch, last)
+
+    async def _resume_point(
+        self, frame: Subscribe, sub: Subscription, cursor: Cursor | None, pos: Position
+    ) -> tuple[int, bool, list[Event] | None]:
+        """The resume decision, in one place for both routes: where the replay starts, whether it is recovered.
+
+        Returns ``(start, recovered, first_page)``: the replay sends the events
+        ``start+1 .. pos.head``; ``first_page`` is the first page of them when
+        it was read already. ``cursor`` is the one to resume from (``frame``'s,
+        with its ``time``, or the identity's stored one); without one,
+        ``frame.rewind`` events are replayed. The decision is counted in the
+        metrics. Raises ``FrameError`` (``unavailable``), with ``sub`` dropped,
+        when the store cannot be read.
+        """
+        topic, ref = frame.topic, frame.ref
+        store = self._store
         oldest_cursor = pos.oldest - 1
         page_size = self.limits.replay_page_size
         first_page: list[Event] | None = None
@@ -763,24 +837,26 @@ class Connection:
             start = first_page[0].offset - 1
             recovered = False
         self._metrics.subscribed(cursor, pos, start, recovered, reason)
-        await self._reply(
-            encode_subscribed(
-                topic,
-                pos.epoch,
-                pos.head,
-                resumed=cursor is not None,
-                recovered=recovered,
-                replayed=pos.head - start,
-                ref=ref,
-            )
+        return start, recovered, first_page
+
+    def _confirmation(
+        self, frame: Subscribe, pos: Position, cursor: Cursor | None, *, recovered: bool, start: int
+    ) -> str:
+        """The ``subscribed`` frame for ``frame``, resumed from ``cursor`` (or not): the replay follows
+        from ``start`` to ``pos.head``."""
+        return encode_subscribed(
+            frame.topic,
+            pos.epoch,
+            pos.head,
+            resumed=cursor is not None,
+            recovered=recovered,
+            replayed=pos.head - start,
+            ref=frame.ref,
         )
-        try:
-            last = await self._replay(topic, pos.epoch, start, pos.head, first_page)
-        except StoreUnavailable as exc:
-            await self._stop(CloseCode.TRY_AGAIN_LATER, f"store unavailable during replay: {exc}")
-        if last != pos.head:
-            await self._stop(CloseCode.TRY_AGAIN_LATER, f"history of {topic!r} changed during replay")
-        sub.go_live(pos.epoch, last)
+
+    def _replayed(self, event: Event) -> str:
+        """The frame of a replayed ``event``."""
+        return encode_event(event)
 
     async def _replay(self, topic: str, epoch: str, after: int, head: int, page: list[Event] | None) -> int:
         """Queue the stored events ``after+1 .. head``, paced by the socket.
@@ -802,7 +878,7 @@ class Connection:
                     break  # a trimmed store reads past the head: live events, held in the subscription
                 if event.offset != after + 1 or event.epoch != epoch:
                     return after
-                seq = self._push(encode_event(event))
+                seq = self._push(self._replayed(event))
                 after = event.offset
             self._metrics.events_replayed += after - page_start
             if not page:

@@ -1,4 +1,8 @@
-"""The ASGI side: the WebSocket handshake (origin, identity, subprotocol), then a Connection."""
+"""The ASGI side: the WebSocket handshake (origin, identity, subprotocol), then a Connection.
+
+:meth:`Endpoint.admit` is the handshake's checks for both routes (the SSE
+route answers its refusals as HTTP responses with a JSON body, see ``sse.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,20 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
+from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
 from .connection import Connection
 from .errors import Refused
-from .protocol import SUBPROTOCOL, CloseCode
+from .protocol import SUBPROTOCOL, CloseCode, ErrorCode
 from .registry import Registry
 
-__all__ = ["Endpoint", "Identify", "origin_allowed"]
+__all__ = ["Endpoint", "Identify", "Refusal", "origin_allowed"]
 
-# The app's hook naming a handshake's identity: (websocket) -> str | None | Awaitable[...]; raise Refused for 403.
-Identify = Callable[[WebSocket], "str | Awaitable[str | None] | None"]
+# The app's hook naming a handshake's identity: (conn) -> str | None | Awaitable[...]; raise Refused for 403.
+# conn is the request's HTTPConnection: a WebSocket, or a Request on the SSE route.
+Identify = Callable[[HTTPConnection], "str | Awaitable[str | None] | None"]
 
 logger = logging.getLogger("starlette_replay.endpoint")
 
@@ -78,6 +84,19 @@ async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
         await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=reason)
 
 
+class Refusal(Exception):
+    """A handshake refused by :meth:`Endpoint.admit`: the HTTP ``status``, an error ``code`` and a short ``reason``."""
+
+    def __init__(self, status: int, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.status}, {self.code.value!r}, {self.reason!r})"
+
+
 class Endpoint:
     """The WebSocket route's ASGI side: the handshake, then a :class:`Connection` until it ends.
 
@@ -102,22 +121,27 @@ class Endpoint:
         self.registry = registry
         self.connect = connect
 
-    async def serve(self, websocket: WebSocket) -> None:
-        """Run one WebSocket connection from handshake to close. Never raises."""
-        conn_id = secrets.token_hex(4)
+    async def admit(self, conn: HTTPConnection, conn_id: str) -> str | None:
+        """The handshake's checks, for either route: origin, ``identify``, running, the identity's limit.
+
+        Returns the identity (None: anonymous). Raises :class:`Refusal`: 403 for
+        an origin not allowed, ``identify`` raising ``Refused`` and an identity
+        at ``max_connections_per_identity``; 500 when ``identify`` fails; 503
+        when the Replay is not running. The caller reserves the connection in
+        the registry with no await after this returns (the limit has no race).
+        """
         if not origin_allowed(
-            websocket.headers.get("origin"),
-            websocket.headers.get("host"),
-            websocket.url.scheme,
+            conn.headers.get("origin"),
+            conn.headers.get("host"),
+            conn.url.scheme,
             self.allowed_origins,
         ):
-            logger.warning("[%s] handshake refused: origin %r not allowed", conn_id, websocket.headers.get("origin"))
-            await _deny(websocket, 403, "origin not allowed")
-            return
+            logger.warning("[%s] handshake refused: origin %r not allowed", conn_id, conn.headers.get("origin"))
+            raise Refusal(403, ErrorCode.FORBIDDEN, "origin not allowed")
         identity: str | None = None
         if self.identify is not None:
             try:
-                result = self.identify(websocket)
+                result = self.identify(conn)
                 if inspect.isawaitable(result):
                     result = await result
                 if result is not None and (not isinstance(result, str) or not result):
@@ -126,12 +150,10 @@ class Endpoint:
                 identity = result
             except Refused as exc:
                 logger.info("[%s] handshake refused by identify: %s", conn_id, exc.reason)
-                await _deny(websocket, 403, "refused")
-                return
+                raise Refusal(403, ErrorCode.FORBIDDEN, "refused") from None
             except Exception:
                 logger.exception("[%s] identify() raised; refusing the handshake", conn_id)
-                await _deny(websocket, 500, "internal error")
-                return
+                raise Refusal(500, ErrorCode.INTERNAL, "internal error") from None
         registry = self.registry
         if not registry.accepting:
             logger.error(
@@ -140,8 +162,7 @@ class Endpoint:
                 "no lifespan events (daphne), from the first request (README: Servers without a lifespan)",
                 conn_id,
             )
-            await _deny(websocket, 503, "not running")
-            return
+            raise Refusal(503, ErrorCode.UNAVAILABLE, "not running")
         if registry.identity_full(identity):
             # 403, not accept + 1008: the protocol refuses handshakes with 403, no
             # socket is spent, and a client stops on both (retrying cannot help
@@ -151,8 +172,18 @@ class Endpoint:
                 conn_id,
                 registry.max_per_identity,
             )
-            await _deny(websocket, 403, "too many connections")
+            raise Refusal(403, ErrorCode.FORBIDDEN, "too many connections")
+        return identity
+
+    async def serve(self, websocket: WebSocket) -> None:
+        """Run one WebSocket connection from handshake to close. Never raises."""
+        conn_id = secrets.token_hex(4)
+        try:
+            identity = await self.admit(websocket, conn_id)
+        except Refusal as refusal:
+            await _deny(websocket, refusal.status, refusal.reason)
             return
+        registry = self.registry
         connection = self.connect(websocket, identity, conn_id)
         # Counted for its identity from before accept(), with no await since the
         # check above: the limit has no race, and revoke() reaches handshakes in progress.

@@ -57,8 +57,8 @@ class Recipient(Protocol):
     def count_live(self, n: int) -> None:
         """``n`` live events held for it (negative: released); past its bound it closes with 1013."""
 
-    def push_live(self, frame: str) -> None:
-        """Send or queue one live event's frame; never waits."""
+    def push_live(self, frame: str, event: Event) -> None:
+        """Send or queue one live event's frame (the event too: an SSE stream writes its position); never waits."""
 
     def abort(self, code: int, reason: str) -> None:
         """Close with ``code`` as soon as possible; idempotent."""
@@ -88,7 +88,7 @@ class Subscription:
                 return
             if event.offset == self.last + 1:
                 self.last = event.offset
-                self.connection.push_live(frame)
+                self.connection.push_live(frame, event)
                 return
         self._broken(event)
 

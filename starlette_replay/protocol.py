@@ -20,9 +20,12 @@ from .errors import InvalidEvent, InvalidTopic
 from .events import Event
 
 __all__ = [
+    "MAX_CURSOR_LIST_LENGTH",
     "MAX_EPOCH_LENGTH",
     "MAX_OFFSET",
     "MAX_REF_LENGTH",
+    "MAX_SSE_EPOCH_LENGTH",
+    "SSE_PING",
     "SUBPROTOCOL",
     "Ack",
     "ClientFrame",
@@ -36,23 +39,30 @@ __all__ = [
     "Ref",
     "ServerFrame",
     "ServerPing",
+    "StreamRequest",
     "Subscribe",
     "Subscribed",
     "Unsubscribe",
     "Unsubscribed",
     "check_event_type",
     "check_topic",
+    "cursor_list_fits",
     "encode_client_frame",
+    "encode_cursor_entry",
     "encode_data",
     "encode_error",
     "encode_event",
     "encode_ping",
     "encode_pong",
+    "encode_sse_message",
+    "encode_sse_retry",
     "encode_subscribed",
     "encode_unsubscribed",
     "is_valid_topic",
     "parse_client_frame",
+    "parse_cursor_list",
     "parse_server_frame",
+    "parse_stream_request",
 ]
 
 SUBPROTOCOL = "replay.v1"
@@ -563,3 +573,138 @@ def parse_server_frame(text: str | bytes) -> ServerFrame:
     except KeyError as exc:
         raise ValueError(f"{kind} frame without field {exc}") from None
     raise ValueError(f"unknown server frame type {kind!r}")
+
+
+# --- server-sent events: the same frames over text/event-stream ------------------------
+
+# The cursor list (Last-Event-ID, the last_event_id parameter, every id: line) is bounded so
+# that a browser stores it and a server reads it without effort: its epochs are shorter than
+# a frame's, and the whole value has a cap.
+MAX_SSE_EPOCH_LENGTH = 64
+MAX_CURSOR_LIST_LENGTH = 8192
+
+_CURSOR_ENTRY_RE = re.compile(r"([^,:\s]{1,64}):(0|[1-9][0-9]{0,15})(?::(0|[1-9][0-9]{0,15}))?")
+_COUNT_RE = re.compile(r"0|[1-9][0-9]{0,15}")
+
+SSE_PING = ": ping\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """An SSE request, parsed: one :class:`Subscribe` per topic, in request order."""
+
+    subscribes: list[Subscribe]
+
+    @property
+    def topics(self) -> list[str]:
+        return [sub.topic for sub in self.subscribes]
+
+
+def _sse_count(value: str, name: str) -> int:
+    if _COUNT_RE.fullmatch(value) is None or int(value) > MAX_OFFSET:
+        raise _bad(f"{name} must be an integer between 0 and {MAX_OFFSET}, not {value[:32]!r}")
+    return int(value)
+
+
+def parse_cursor_list(value: str, count: int) -> list[tuple[str, int, int | None] | None]:
+    """Parse a cursor list for ``count`` topics: one ``(epoch, offset, time)`` or None (no cursor) per topic.
+
+    An entry is ``epoch:offset``, ``epoch:offset:time`` or empty; entries are
+    joined by ``,``. Raises :class:`FrameError` (``bad_request``) naming what is
+    wrong: a list longer than ``MAX_CURSOR_LIST_LENGTH``, another number of
+    entries than topics, an entry that does not parse (an epoch with ``:`` or
+    ``,``, over ``MAX_SSE_EPOCH_LENGTH`` characters; an offset or time that is
+    not an integer from 0 to 2^53-1).
+    """
+    if len(value) > MAX_CURSOR_LIST_LENGTH:
+        raise _bad(f"the cursor list must be at most {MAX_CURSOR_LIST_LENGTH} characters")
+    entries = value.split(",")
+    if len(entries) != count:
+        raise _bad(f"the cursor list has {len(entries)} entries for {count} topics (one per topic, joined by ',')")
+    cursors: list[tuple[str, int, int | None] | None] = []
+    for index, entry in enumerate(entries):
+        if not entry:
+            cursors.append(None)
+            continue
+        match = _CURSOR_ENTRY_RE.fullmatch(entry)
+        if match is None:
+            raise _bad(
+                f"cursor entry {index + 1} must be empty, epoch:offset or epoch:offset:time "
+                f"(an epoch of 1-{MAX_SSE_EPOCH_LENGTH} characters without ':' or ','), not {entry[:80]!r}"
+            )
+        epoch, offset, time = match.groups()
+        if int(offset) > MAX_OFFSET or (time is not None and int(time) > MAX_OFFSET):
+            raise _bad(f"cursor entry {index + 1}: offset and time must be at most {MAX_OFFSET}")
+        cursors.append((epoch, int(offset), None if time is None else int(time)))
+    return cursors
+
+
+def parse_stream_request(
+    topics: list[str],
+    rewinds: list[str],
+    cursor_list: str | None,
+    *,
+    max_subscriptions: int,
+) -> StreamRequest:
+    """Parse an SSE request: its ``topic`` parameters, its ``rewind`` parameters and its cursor list.
+
+    ``cursor_list`` is the ``Last-Event-ID`` header, or else the
+    ``last_event_id`` parameter (None when neither was sent; an empty value
+    means no cursor for any topic). Returns a :class:`StreamRequest`. Raises
+    :class:`FrameError`: ``too_many_subscriptions`` past ``max_subscriptions``
+    topics, ``bad_request`` for no topic, a bad or repeated topic, a bad or
+    repeated ``rewind`` and a cursor list that does not parse.
+    """
+    if not topics:
+        raise _bad("no topic: name one or more with ?topic=...")
+    if len(topics) > max_subscriptions:
+        raise FrameError(
+            ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {max_subscriptions} topics per stream, not {len(topics)}"
+        )
+    seen: set[str] = set()
+    for topic in topics:
+        if _TOPIC_RE.fullmatch(topic) is None:
+            raise _bad(f"topic {topic[:80]!r} must be 1-{MAX_TOPIC_LENGTH} characters of A-Z a-z 0-9 _ - . : @ /")
+        if topic in seen:
+            raise _bad(f"topic {topic!r} is named more than once", topic=topic)
+        seen.add(topic)
+    if len(rewinds) > 1:
+        raise _bad("rewind is given more than once")
+    rewind = _sse_count(rewinds[0], "rewind") if rewinds else 0
+    cursors = parse_cursor_list(cursor_list, len(topics)) if cursor_list else [None] * len(topics)
+    subscribes: list[Subscribe] = []
+    for topic, cursor in zip(topics, cursors, strict=True):
+        if cursor is None:
+            subscribes.append(Subscribe(topic, rewind=rewind))
+        else:
+            epoch, offset, time = cursor
+            subscribes.append(Subscribe(topic, epoch, offset, rewind, time=time))
+    return StreamRequest(subscribes)
+
+
+def cursor_list_fits(epochs: list[str]) -> bool:
+    """Whether every cursor list a stream of topics in these epochs can write stays within ``MAX_CURSOR_LIST_LENGTH``.
+
+    Counts the longest entries possible (offsets and times of 16 digits): a
+    stream must never write an ``id:`` that its own reconnect would be refused
+    for.
+    """
+    digits = len(str(MAX_OFFSET))
+    return sum(len(epoch) + 2 + 2 * digits for epoch in epochs) + len(epochs) - 1 <= MAX_CURSOR_LIST_LENGTH
+
+
+def encode_cursor_entry(epoch: str, offset: int, time: int | None = None) -> str:
+    """One entry of a cursor list: ``epoch:offset`` or ``epoch:offset:time``."""
+    return f"{epoch}:{offset}" if time is None else f"{epoch}:{offset}:{time}"
+
+
+def encode_sse_message(data: str, event_id: str | None = None) -> str:
+    """One SSE message: an optional ``id:`` line, one ``data:`` line (a JSON frame: no line breaks), a blank line."""
+    if event_id is None:
+        return f"data: {data}\n\n"
+    return f"id: {event_id}\ndata: {data}\n\n"
+
+
+def encode_sse_retry(milliseconds: int) -> str:
+    """The ``retry:`` line a stream opens with: how long ``EventSource`` waits before reconnecting."""
+    return f"retry: {milliseconds}\n\n"

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import anyio
-from starlette.websockets import WebSocket
+from starlette.requests import HTTPConnection
 
 from .connection import Connection
 from .metrics import Metrics
@@ -119,12 +119,12 @@ class Registry:
         await self._wait(waiters)
         return len(targets)
 
-    async def recheck(self, check: Callable[[WebSocket, str | None], bool | Awaitable[bool]], reason: str) -> int:
+    async def recheck(self, check: Callable[[HTTPConnection, str | None], bool | Awaitable[bool]], reason: str) -> int:
         """See :meth:`Replay.recheck <starlette_replay.Replay.recheck>`."""
         failed: list[Connection] = []
         for connection in list(self.connections):
             try:
-                result = check(connection.websocket, connection.identity)
+                result = check(connection.handshake, connection.identity)
                 if inspect.isawaitable(result):
                     result = await result
                 valid = result is True

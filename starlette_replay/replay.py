@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -29,6 +29,7 @@ from .metrics import Metrics, ReplayCollector
 from .protocol import CloseCode, check_topic
 from .publisher import Publisher, RunningLoop
 from .registry import Registry
+from .sse import SSEEndpoint
 from .stores.base import Cursor, EventStore, Health, HealthCheck, Position
 from .stores.memory import MemoryStore
 
@@ -61,13 +62,13 @@ class Snapshot:
         return Cursor(self.epoch, self.head)
 
 
-def allow_all(websocket: WebSocket, topic: str) -> bool:
+def allow_all(conn: HTTPConnection, topic: str) -> bool:
     """An ``authorize`` hook that allows every topic: for demos and tests only."""
     return True
 
 
 class Replay:
-    """A lossless WebSocket push route backed by an event store.
+    """A lossless push route (WebSocket, and Server-sent events) backed by an event store.
 
     See ``README.md`` for every option. The Replay owns its store: it connects it
     on start and closes it (``store.aclose()``) on shutdown.
@@ -92,6 +93,7 @@ class Replay:
         frame_burst: int = 200,
         close_timeout: float = 5.0,
         max_connections_per_identity: int | None = None,
+        sse_retry: int = 2000,
     ) -> None:
         for name, value in (
             ("send_queue_size", send_queue_size),
@@ -101,6 +103,7 @@ class Replay:
             ("replay_page_size", replay_page_size),
             ("max_bad_frames", max_bad_frames),
             ("frame_burst", frame_burst),
+            ("sse_retry", sse_retry),
         ):
             check_int(name, value)
         for name, seconds in (
@@ -146,6 +149,15 @@ class Replay:
             identify=identify,
             registry=self._registry,
             connect=self._connect,
+        )
+        self._sse = SSEEndpoint(
+            endpoint=self._endpoint,
+            registry=self._registry,
+            hub=self.hub,
+            store=self.store,
+            limits=self.limits,
+            authorize=authorize,
+            retry=sse_retry,
         )
         self._stack: AsyncExitStack | None = None
         self._scope: anyio.CancelScope | None = None
@@ -258,6 +270,20 @@ class Replay:
     def route(self, path: str, *, name: str | None = None) -> WebSocketRoute:
         """A ``WebSocketRoute`` serving this Replay at ``path``."""
         return WebSocketRoute(path, self.endpoint, name=name)
+
+    async def sse_endpoint(self, request: Request) -> Response:
+        """The Server-sent events endpoint: ``app.add_route("/sse", replay.sse_endpoint)``.
+
+        Returns the response for ``request`` at once, without raising: a
+        ``text/event-stream`` of the ``topic`` parameters' frames, or a refusal
+        (an HTTP status and a JSON error body) before any stream byte, decided
+        when the response runs. See docs/sse.md.
+        """
+        return self._sse.response(request)
+
+    def sse_route(self, path: str, *, name: str | None = None) -> Route:
+        """A ``Route`` serving this Replay's topics as Server-sent events at ``path`` (GET)."""
+        return Route(path, self.sse_endpoint, methods=["GET"], name=name)
 
     def client_route(self, path: str = "/replay.js", *, name: str | None = None) -> Route:
         """A route that serves the browser client, an ES module (``static/replay.js``)."""
@@ -403,14 +429,15 @@ class Replay:
 
     async def recheck(
         self,
-        check: Callable[[WebSocket, str | None], bool | Awaitable[bool]],
+        check: Callable[[HTTPConnection, str | None], bool | Awaitable[bool]],
         *,
         reason: str = "identity no longer valid",
     ) -> int:
         """Re-check every connection of this process; close those that fail with 1008.
 
-        ``check(websocket, identity)`` gets each connection's handshake
-        ``WebSocket`` (its headers, cookies, subprotocols, ``state``) and the
+        ``check(conn, identity)`` gets each connection's handshake
+        ``WebSocket`` (its headers, cookies, subprotocols, ``state``), or an SSE
+        stream's ``Request``, and the
         identity ``identify`` returned; return False (or raise) to close it. Call
         it periodically from the app (e.g. a task in its lifespan) to expire
         tokens or sessions that were valid at the handshake. Connections are

@@ -160,7 +160,7 @@ class UvicornServer:
             return [sys.executable, "-m", "daphne", "-b", self.host, "-p", str(port), *self.extra_args, self.app]
         if self.server == "granian":
             command = [sys.executable, "-m", "granian", "--interface", "asgi", self.app]
-            command += ["--host", self.host, "--port", str(port), "--log-level", "info"]
+            command += ["--host", self.host, "--port", str(port), "--log-level", "info", *self.extra_args]
             return [*command, "--factory"] if self.factory else command
         command = [sys.executable, "-m", "uvicorn", self.app, "--host", self.host, "--port", str(port)]
         if self.factory:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 OURS = ["bare", "replay-memory", "replay-redis"]
-PEERS = [name for name in CONTENDERS if name not in OURS]
+SSE = ["replay-memory-sse", "replay-redis-sse"]  # the same servers' SSE route
+PEERS = [name for name in CONTENDERS if name not in OURS + SSE]
 
 
 def quick(name: str, contenders: list[str]) -> dict[str, Any]:
@@ -91,6 +92,21 @@ def test_memory() -> None:
     for row in result["rows"]:
         assert row["connections"] == 20 and row["rss_after_kib"] > 0, row
     assert {entry["contender"] for entry in result["table"]} == {"bare", "replay-memory"}
+
+
+@pytest.mark.parametrize("name", ["fanout", "latency"])
+def test_sse_beside_the_websocket_route(name: str) -> None:
+    contenders = ["bare", "replay-memory", *SSE]
+    result = quick(name, contenders)
+    check_delivery(result, contenders)
+    check_ratios(result, "bare")
+
+
+def test_memory_per_idle_sse_stream() -> None:
+    result = quick("memory", ["replay-memory", "replay-memory-sse"])
+    assert {row["contender"] for row in result["rows"]} == {"replay-memory", "replay-memory-sse"}
+    for row in result["rows"]:
+        assert row["connections"] == 20 and row["rss_after_kib"] > 0, row
 
 
 REDIS_CONTENDERS = {"replay-redis", "broadcaster-redis", "socketio-redis"}

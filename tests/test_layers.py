@@ -33,11 +33,12 @@ LAYERS = {
     "publisher": 5,
     "registry": 5,
     "endpoint": 6,
-    "replay": 7,
-    "__init__": 8,
+    "sse": 7,
+    "replay": 8,
+    "__init__": 9,
     # beside the facade, on its public API: token streams, the MCP event store
-    "streams": 8,
-    "mcp": 8,
+    "streams": 9,
+    "mcp": 9,
 }
 
 PACKAGE = Path(starlette_replay.__file__).parent

@@ -1,7 +1,7 @@
 """Contenders "replay-memory" and "replay-redis": this library, default options.
 
 ``BENCH_STORE`` is ``memory`` or ``redis`` (then ``BENCH_REDIS_URL``). Besides
-the library's own route (``/ws``) and the shared trigger (``POST /publish``),
+the library's own routes (``/ws``; ``/sse`` for the ``-sse`` contenders) and the shared trigger (``POST /publish``),
 this server holds the baselines that need the same Redis data:
 
 - ``POST /publish-bench?topic=T&n=M&c=C&mode=lib|raw-script|raw-xadd``: C
@@ -300,6 +300,7 @@ async def health(request: Request) -> PlainTextResponse:
 app = Starlette(
     routes=[
         replay.route("/ws"),
+        replay.sse_route("/sse"),  # contenders replay-memory-sse and replay-redis-sse
         WebSocketRoute("/raw", raw_catchup),
         Route("/publish", publish, methods=["POST"]),
         Route("/publish-topics", publish_topics, methods=["POST"]),

@@ -95,6 +95,10 @@ export interface SubscribeOptions<T = any> {
 }
 
 export interface ClientOptions {
+  /** "sse": read the route `replay.sse_route()` serves (one stream for every topic; no acks). Default "websocket". */
+  transport?: "websocket" | "sse";
+  /** The fetch function the SSE transport uses (tests pass a fake). Default: globalThis.fetch. */
+  fetch?: (input: string, init?: any) => Promise<any>;
   /** App subprotocols offered after `replay.v1` (e.g. a token); a function is called before every attempt. */
   protocols?: string[] | (() => string[] | Promise<string[]>);
   /** Where cursors live: default sessionStorage; null keeps them in memory only. */

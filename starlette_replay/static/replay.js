@@ -1,6 +1,6 @@
 // @ts-check
 /**
- * starlette_replay browser client: lossless pushes over WebSocket, wire protocol `replay.v1`.
+ * starlette_replay browser client: lossless pushes over WebSocket (or Server-sent events), wire protocol `replay.v1`.
  *
  * One ES module, no dependencies, no build step. Serve it with
  * `replay.client_route("/replay.js")` and import it from a page:
@@ -28,6 +28,14 @@
  *
  * The rules are the Python client's too: both run the scenarios of tests/scenarios/.
  *
+ * `transport: "sse"` reads the same frames from the route `replay.sse_route()` serves
+ * (a `text/event-stream`, read with `fetch` so that heartbeats and HTTP statuses are
+ * seen), with the same API, the same cursors, dedup and gap handling. One stream
+ * carries every topic; subscribing, unsubscribing or repairing a hole reopens it with
+ * every topic's cursor (the stream has no client frames: no acks over SSE). A refusal
+ * (HTTP 4xx) stops the client; a 5xx, a network error or a stream the server ended
+ * reconnects with backoff.
+ *
  * A refused handshake (HTTP 403) cannot be told apart from a network failure in
  * a browser: both are a close with 1006 before `open`. The client keeps retrying
  * with backoff, counts consecutive failed handshakes (`failures` in the state
@@ -39,6 +47,9 @@ export const VERSION = "0.1.0";
 
 /** Close codes after which the client stops instead of reconnecting. */
 export const STOP_CODES = Object.freeze([1000, 1008, 1009]);
+
+/** Close code (never on the wire) of an SSE stream that must be reopened at once with every subscription. */
+const SSE_RESTART = 4100;
 
 /** Error codes of a refused `subscribe` that are worth retrying (with backoff) on the same socket. */
 const RETRY_SUBSCRIBE = new Set(["unavailable", "internal", "rate_limited"]);
@@ -101,6 +112,8 @@ const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
  * @property {number} [frameBurst]    frames the pacer lets through at once (default 100: under the server's 200)
  * @property {boolean} [autoConnect]  connect on the first subscribe() (default true)
  * @property {boolean} [reconnectOnOnline]  retry at once on the window's `online` event (default true)
+ * @property {"websocket" | "sse"} [transport]  "sse": read the SSE route instead (default "websocket")
+ * @property {any} [fetch]  the fetch function the SSE transport uses (tests pass a fake)
  * @property {any} [WebSocket]  the WebSocket constructor (tests pass a fake)
  * @property {Timers} [timers]  setTimeout/clearTimeout (tests pass fake timers)
  * @property {() => number} [random]  in [0, 1): the backoff jitter (tests pass a fixed one)
@@ -148,6 +161,210 @@ export function resolveUrl(url) {
   if (resolved.protocol === "http:") resolved.protocol = "ws:";
   else if (resolved.protocol === "https:") resolved.protocol = "wss:";
   return resolved.href;
+}
+
+/** An http(s) URL for the SSE transport, resolved against the page. @param {string} url @returns {string} */
+function resolveHttpUrl(url) {
+  const base = globalThis.location?.href;
+  const resolved = base ? new URL(url, base) : new URL(url);
+  if (resolved.protocol === "ws:") resolved.protocol = "http:";
+  else if (resolved.protocol === "wss:") resolved.protocol = "https:";
+  return resolved.href;
+}
+
+/**
+ * The SSE route behind the WebSocket-shaped face the client drives (`send`, `close`, `onopen`,
+ * `onmessage`, `onclose`, `readyState`, `protocol`).
+ *
+ * It "opens" at once, takes the `subscribe` frames the client sends on open, then requests
+ * one stream for all of them (`topic` parameters, their cursors as `last_event_id`, the
+ * largest `rewind` of the topics without one) and hands each `data:` frame to `onmessage`:
+ * a `subscribed` gets the ref of its topic's subscribe, and a topic that asked for a smaller
+ * `rewind` than the stream's has its `subscribed` narrowed and the extra replayed events
+ * dropped, so the client sees exactly what the WebSocket route would have sent. Comments
+ * (heartbeats) reach the client as `ping` frames. A later subscribe or unsubscribe closes it
+ * with SSE_RESTART: the client reopens at once with every subscription. Acks are dropped.
+ * @internal
+ */
+class SseSocket {
+  /** @param {string} url @param {any} fetchImpl */
+  constructor(url, fetchImpl) {
+    this.url = url;
+    this._fetch = fetchImpl;
+    this.protocol = PROTOCOL;
+    this.readyState = 0;
+    /** true once the server answered 200 */ this.established = false;
+    /** true when the server refused the stream (HTTP 4xx): retrying cannot help */ this.refused = false;
+    /** true while no stream is requested (no subscription) */ this.idle = false;
+    /** @type {null | { status: number, code?: string, message?: string }} */ this.refusal = null;
+    /** @type {any} */ this.onopen = null;
+    /** @type {any} */ this.onmessage = null;
+    /** @type {any} */ this.onclose = null;
+    /** @type {any} */ this.onerror = null;
+    /** @type {any} */ this.onestablished = null;
+    /** @type {"collecting" | "streaming" | "closed"} */ this._phase = "collecting";
+    /** @type {Map<string, Record<string, any>>} the subscribe frames of this stream, by topic */
+    this._batch = new Map();
+    /** @type {Map<string, { ref: any, rewind: number | null, dropUntil: number }>} */
+    this._topics = new Map();
+    this._dropping = 0; // topics that still drop extra replayed events
+    this._abort = typeof AbortController === "function" ? new AbortController() : null;
+    queueMicrotask(() => {
+      if (this.readyState !== 0) return;
+      this.readyState = 1;
+      this.onopen?.({});
+      queueMicrotask(() => this._start());
+    });
+  }
+
+  /** @param {string} text */
+  send(text) {
+    if (this.readyState !== 1) throw new Error("InvalidStateError: not open");
+    const frame = JSON.parse(text);
+    if (frame.type !== "subscribe" && frame.type !== "unsubscribe") return; // ack, ping: no client frames
+    if (this._phase !== "collecting") {
+      this._closed(SSE_RESTART, "resubscribe");
+      return;
+    }
+    if (frame.type === "subscribe") this._batch.set(frame.topic, frame);
+    else this._batch.delete(frame.topic);
+  }
+
+  /** @param {number} [code] @param {string} [reason] */
+  close(code = 1000, reason = "") {
+    this._closed(code, reason);
+  }
+
+  /** @internal @param {number} code @param {string} reason */
+  _closed(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._phase = "closed";
+    this._abort?.abort();
+    queueMicrotask(() => this.onclose?.({ code, reason }));
+  }
+
+  /** @internal */
+  _start() {
+    if (this._phase !== "collecting" || this.readyState !== 1) return;
+    this._phase = "streaming";
+    const frames = [...this._batch.values()];
+    if (frames.length === 0) {
+      this.idle = true; // nothing to stream until the client subscribes (then it reopens)
+      return;
+    }
+    const url = new URL(this.url);
+    let rewind = 0;
+    const entries = [];
+    for (const f of frames) {
+      url.searchParams.append("topic", f.topic);
+      const fresh = f.epoch === undefined;
+      if (fresh) rewind = Math.max(rewind, f.rewind ?? 0);
+      entries.push(fresh ? "" : f.time === undefined ? `${f.epoch}:${f.offset}` : `${f.epoch}:${f.offset}:${f.time}`);
+      this._topics.set(f.topic, { ref: f.ref, rewind: fresh ? (f.rewind ?? 0) : null, dropUntil: 0 });
+    }
+    if (rewind > 0) url.searchParams.set("rewind", String(rewind));
+    if (entries.some((e) => e !== "")) url.searchParams.set("last_event_id", entries.join(","));
+    /** @type {Record<string, any>} */
+    const init = { headers: { Accept: "text/event-stream" }, cache: "no-store", credentials: "same-origin" };
+    if (this._abort) init.signal = this._abort.signal;
+    Promise.resolve()
+      .then(() => this._fetch(url.href, init))
+      .then((/** @type {any} */ response) => this._read(response))
+      .catch((/** @type {unknown} */ error) => this._closed(1006, `stream failed: ${error}`));
+  }
+
+  /** @internal @param {any} response */
+  async _read(response) {
+    if (this.readyState === 3) return;
+    if (!response.ok) {
+      let body = null;
+      try {
+        body = await response.json();
+      } catch {
+        // not the route's JSON refusal (a proxy's page, say)
+      }
+      const message = body && typeof body.message === "string" ? `: ${body.message}` : "";
+      if (response.status >= 400 && response.status < 500) {
+        this.refused = true;
+        this.refusal = { status: response.status, code: body?.code, message: body?.message };
+        this._closed(1008, `HTTP ${response.status}${message}`);
+      } else {
+        this._closed(1013, `HTTP ${response.status}${message}`);
+      }
+      return;
+    }
+    this.established = true;
+    this.onestablished?.();
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    /** @type {string[]} */
+    let data = [];
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (this.readyState === 3) {
+        reader.cancel().catch(() => {});
+        return;
+      }
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.search(/\r\n|\r|\n/)) !== -1) {
+        if (buffer[cut] === "\r" && cut + 1 === buffer.length) break; // maybe the first half of a CRLF
+        const line = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + (buffer.startsWith("\r\n", cut) ? 2 : 1));
+        if (line === "") {
+          if (data.length > 0) this._dispatch(data.join("\n"));
+          data = [];
+        } else if (line.startsWith(":") || line.startsWith("retry:")) {
+          this._deliver('{"type":"ping"}'); // a heartbeat, or the stream's first line: it is alive
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+        } // id: lines are the server's copy of the cursors this client keeps itself
+        if (this.readyState === 3) return;
+      }
+    }
+    this._closed(1006, "the server ended the stream");
+  }
+
+  /** @internal @param {string} text */
+  _dispatch(text) {
+    if (this._dropping === 0 && !text.startsWith('{"type":"subscribed"')) {
+      this._deliver(text);
+      return;
+    }
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      this._deliver(text); // the client reports it
+      return;
+    }
+    const topic = this._topics.get(frame?.topic);
+    if (topic && frame.type === "subscribed") {
+      frame.ref = topic.ref;
+      if (frame.resumed === false && topic.rewind !== null && frame.replayed > topic.rewind) {
+        // The stream replays the largest rewind asked for; this topic asked for fewer.
+        topic.dropUntil = frame.offset - topic.rewind;
+        frame.replayed = topic.rewind;
+        this._dropping += 1;
+      }
+      this._deliver(JSON.stringify(frame));
+      return;
+    }
+    if (topic && frame.type === "event" && topic.dropUntil > 0) {
+      if (frame.offset <= topic.dropUntil) return;
+      topic.dropUntil = 0;
+      this._dropping -= 1;
+    }
+    this._deliver(text);
+  }
+
+  /** @internal @param {string} text */
+  _deliver(text) {
+    if (this.readyState === 1) this.onmessage?.({ data: text });
+  }
 }
 
 /** One topic joined through a {@link ReplayClient}. Made by `client.subscribe()`. */
@@ -228,6 +445,10 @@ export class ReplayClient {
     this._autoConnect = options.autoConnect ?? true;
     this._reconnectOnOnline = options.reconnectOnOnline ?? true;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    const transport = options.transport ?? "websocket";
+    if (transport !== "websocket" && transport !== "sse") throw new RangeError('transport must be "websocket" or "sse"');
+    this._sse = transport === "sse";
+    this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
     const timers = options.timers ?? globalThis;
     this._setTimeout = timers.setTimeout.bind(timers);
     this._clearTimeout = timers.clearTimeout.bind(timers);
@@ -416,10 +637,18 @@ export class ReplayClient {
     let ws;
     try {
       const raw = typeof this._url === "function" ? this._url() : this._url;
-      ws = new this._WebSocket(resolveUrl(String(raw)), [PROTOCOL, ...protocols]);
+      if (this._sse) {
+        ws = new SseSocket(resolveHttpUrl(String(raw)), this._fetch);
+        ws.onestablished = () => {
+          this._failures = 0;
+          this._openedAt = this._now();
+        };
+      } else {
+        ws = new this._WebSocket(resolveUrl(String(raw)), [PROTOCOL, ...protocols]);
+      }
     } catch (error) {
       // A malformed URL or subprotocol (SyntaxError): retrying cannot help.
-      this._fail(`cannot open a WebSocket: ${error}`, error);
+      this._fail(`cannot open a ${this._sse ? "stream" : "WebSocket"}: ${error}`, error);
       return;
     }
     this._ws = ws;
@@ -448,10 +677,10 @@ export class ReplayClient {
     this._openedAt = this._now();
     this._tokens = this._frameBurst;
     this._tokensAt = this._openedAt;
-    this._failures = 0;
+    if (ws.established !== false) this._failures = 0; // an SSE stream: once the server answered
     this.stats.connects += 1;
     this._armWatchdog();
-    this._setState("open", {});
+    if (this._state !== "open") this._setState("open", {}); // an SSE stream reopened for a new subscription
     for (const sub of this._subs.values()) {
       if (sub._state !== "refused") this._sendSubscribe(sub);
     }
@@ -460,7 +689,17 @@ export class ReplayClient {
   /** @internal @param {any} ws @param {number} code @param {string} reason */
   _handleClose(ws, code, reason) {
     if (ws !== this._ws) return;
-    const opened = this._wsOpened;
+    if (code === SSE_RESTART && this._state === "open") {
+      this._teardown();
+      this._dial(); // the stream's topics changed: reopen at once, with every subscription
+      return;
+    }
+    if (ws.refused) {
+      this._teardown();
+      this._stop(code, reason, `the server refused the stream with ${reason}`);
+      return;
+    }
+    const opened = this._wsOpened && ws.established !== false;
     this._teardown();
     if (!opened) {
       this._failures += 1;
@@ -568,13 +807,14 @@ export class ReplayClient {
    * @internal
    */
   _armWatchdog() {
-    if (!(this._heartbeatInterval > 0)) return;
+    if (!(this._heartbeatInterval > 0) || this._ws?.idle) return;
     this._lastFrameAt = this._now();
     if (this._watchdog !== null) return;
     const ws = this._ws;
     const limit = 2 * this._heartbeatInterval;
     const check = () => {
       this._watchdog = null;
+      if (ws?.idle) return; // an SSE stream with no topic: nothing to hear from
       const silent = this._now() - this._lastFrameAt;
       if (silent < limit) this._watchdog = this._setTimeout(check, limit - silent);
       else this._abandon(ws, "heartbeat timeout");
@@ -589,6 +829,12 @@ export class ReplayClient {
   _send(frame) {
     const ws = this._ws;
     if (!ws || !this._wsOpened || ws.readyState !== 1) return false;
+    if (this._sse) {
+      // Nothing goes to the server (the stream's request carries the subscriptions): no pacing,
+      // or the subscribes of many topics would miss the stream's first request.
+      ws.send(JSON.stringify(frame));
+      return true;
+    }
     this._outbox.push(frame);
     if (this._paceTimer === null) this._drain(false);
     return true;

@@ -13,7 +13,7 @@ Configured by environment variables (all optional):
     the store): widen the replay -> live hand-off on purpose.
 ``REPLAY_SEND_QUEUE_SIZE``, ``REPLAY_MAX_MESSAGE_SIZE``, ``REPLAY_HEARTBEAT``,
 ``REPLAY_PAGE_SIZE``, ``REPLAY_MAX_FRAME_RATE``, ``REPLAY_FRAME_BURST``, ``REPLAY_CLOSE_TIMEOUT``,
-``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``
+``REPLAY_MAX_BAD_FRAMES``, ``REPLAY_BAD_FRAMES_WINDOW``, ``REPLAY_MAX_SUBSCRIPTIONS``, ``REPLAY_SSE_RETRY``
     The matching ``Replay`` options.
 ``REPLAY_ALLOWED_ORIGINS``
     Comma-separated; unset means same-origin only.
@@ -40,8 +40,15 @@ HTTP routes:
     robin, sleeping ``interval`` s between rounds); answers ``{"id"}``.
 ``POST /pump/{id}/wait``
     Waits for that pump to finish; answers ``{topic: {"epoch", "last"}}``.
+``GET /sse?topic=...``
+    The SSE route (``replay.sse_route``); the FastAPI app mounts it with ``app.add_route``.
 ``GET /position?topic=``, ``GET /history?topic=&after=&limit=``, ``GET /stats``
     The store's position, ``replay.history`` (offsets and data), ``replay.stats()``.
+``POST /revoke?identity=``
+    ``replay.revoke(identity)``: a server-side drop of that identity's connections and streams
+    (this app's ``identify`` accepts the identity again on the reconnect).
+``GET /replay.js``
+    The browser client (``replay.client_route``).
 """
 
 from __future__ import annotations
@@ -58,10 +65,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.websockets import WebSocket
 
 from starlette_replay import Cursor, Event, EventStore, MemoryStore, Position, RedisStore, Refused, Replay
 from starlette_replay.stores.base import LiveSink
@@ -171,6 +177,7 @@ def _replay_options() -> dict[str, Any]:
         ("REPLAY_FRAME_BURST", "frame_burst"),
         ("REPLAY_MAX_BAD_FRAMES", "max_bad_frames"),
         ("REPLAY_MAX_SUBSCRIPTIONS", "max_subscriptions"),
+        ("REPLAY_SSE_RETRY", "sse_retry"),
     ):
         if (number := _env_int(env)) is not None:
             options[name] = number
@@ -229,11 +236,11 @@ def make_app() -> Starlette:
     _configure_logging()
     forbidden_prefix = os.environ.get("REPLAY_FORBIDDEN_PREFIX", "forbidden")
 
-    def authorize(websocket: WebSocket, topic: str) -> bool:
+    def authorize(conn: HTTPConnection, topic: str) -> bool:
         return not topic.startswith(forbidden_prefix)
 
-    def identify(websocket: WebSocket) -> str | None:
-        identity = websocket.query_params.get("identity")
+    def identify(conn: HTTPConnection) -> str | None:
+        identity = conn.query_params.get("identity")
         if identity == "refuse":
             raise Refused("refused by the test app")
         return identity
@@ -336,6 +343,9 @@ def make_app() -> Starlette:
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(replay.stats())
 
+    async def revoke(request: Request) -> JSONResponse:
+        return JSONResponse({"closed": await replay.revoke(request.query_params["identity"])})
+
     return Starlette(
         routes=[
             Route("/health", health),
@@ -345,7 +355,10 @@ def make_app() -> Starlette:
             Route("/position", position),
             Route("/history", history),
             Route("/stats", stats),
+            Route("/revoke", revoke, methods=["POST"]),
             replay.route("/ws"),
+            replay.sse_route("/sse"),
+            replay.client_route("/replay.js"),
         ],
         lifespan=lifespan,
     )
@@ -391,4 +404,5 @@ def make_fastapi_app() -> Any:
         return {"epoch": event.epoch, "offset": event.offset}
 
     app.add_api_websocket_route("/ws", replay.endpoint)
+    app.add_route("/sse", replay.sse_endpoint)
     return app
