@@ -227,6 +227,7 @@ class Connection:
 
     # What the heartbeat sends after heartbeat_interval of silence.
     ping_frame = encode_ping()
+    transport = "websocket"  # what carries the frames (metrics tell WebSocket connections from SSE streams)
 
     def __init__(
         self,

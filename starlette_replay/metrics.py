@@ -116,6 +116,7 @@ class Metrics:
         "resumes_reused_offset",
         "resumes_trimmed",
         "slow_consumer_closes",
+        "sse_streams_opened",
     )
 
     def __init__(self) -> None:
@@ -145,8 +146,8 @@ class Metrics:
         self.resumes_trimmed = 0
         self.resumes_ahead = 0
         self.resumes_reused_offset = 0
-        # SSE streams: their counters join here with the SSE route (issue 15), beside the
-        # connections' above, and the collector's families in ReplayCollector.collect.
+        # SSE streams (registry.py): counted among the connections above too.
+        self.sse_streams_opened = 0
 
     def published(self, events: int, seconds: float) -> None:
         """A publish stored ``events`` events in ``seconds``."""
@@ -299,12 +300,17 @@ class ReplayCollector:
             return HistogramMetricFamily(f"starlette_replay_{name}", doc, buckets=hist.cumulative(), sum_value=hist.sum)
 
         yield gauge("ready", "1 while the Replay runs and its store answers (Replay.health()), else 0", self._ready())
-        yield gauge("connections_open", "WebSocket connections open now", figures["connections"])
-        yield counter("connections_opened", "WebSocket connections accepted", m.connections_opened)
+        yield gauge(
+            "connections_open", "connections open now (WebSocket connections and SSE streams)", figures["connections"]
+        )
+        yield counter(
+            "connections_opened", "connections accepted (WebSocket connections and SSE streams)", m.connections_opened
+        )
         yield labelled(
             CounterMetricFamily,
             "connections_closed",
-            "WebSocket connections ended, by the close code the server sent (peer: the client left first)",
+            "connections ended, by the close code the server sent (an SSE stream: the code it would have "
+            "sent; peer: the client left first)",
             "code",
             m.closes,
         )
@@ -355,7 +361,12 @@ class ReplayCollector:
             "outcome",
             m.resumes(),
         )
-        # SSE streams: their families go here with the SSE route (issue 15).
+        yield gauge(
+            "sse_streams_open", "SSE streams open now (counted in connections_open too)", figures["sse_streams"]
+        )
+        yield counter(
+            "sse_streams_opened", "SSE streams accepted (counted in connections_opened too)", m.sse_streams_opened
+        )
         store = self._store
         if isinstance(store, RedisFigures):
             yield counter("redis_reconnects", "times the Redis listener (re)connected", store.reconnects)

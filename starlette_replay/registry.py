@@ -82,6 +82,8 @@ class Registry:
         """Count ``connection`` as open (stats, heartbeat, shutdown) until :meth:`untrack`."""
         self.connections.add(connection)
         self.metrics.connections_opened += 1
+        if connection.transport == "sse":
+            self.metrics.sse_streams_opened += 1
         if not self.accepting:
             # Accepted while shutdown ran (or after): the hub no longer gets live events.
             connection.abort(CloseCode.GOING_AWAY, "server shutting down")
@@ -147,6 +149,11 @@ class Registry:
     def frames_sent(self) -> int:
         """Frames the open connections have sent so far (the ended ones' are in ``metrics``)."""
         return sum(connection.sent for connection in self.connections)
+
+    @property
+    def sse_streams(self) -> int:
+        """Open connections that are SSE streams (read at scrape time: a walk over the connections)."""
+        return sum(connection.transport == "sse" for connection in self.connections)
 
     @property
     def queued_frames(self) -> int:

@@ -499,9 +499,11 @@ class Replay:
         return Health(found.ready, {"replay": "running", **found.checks})
 
     def stats(self) -> dict[str, int]:
-        """Counts for metrics and leak checks: connections, subscriptions, topics, queued frames."""
+        """Counts for metrics and leak checks: connections (SSE streams among them), subscriptions,
+        topics, queued frames."""
         return {
             "connections": len(self._registry.connections),
+            "sse_streams": self._registry.sse_streams,
             "subscriptions": self.hub.subscription_count,
             "topics": self.hub.topic_count,
             "queued_frames": self._registry.queued_frames,

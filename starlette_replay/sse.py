@@ -71,6 +71,7 @@ class EventStream(Connection):
     __slots__ = ("_entries", "_index", "_joined", "_receive", "_subscribes")
 
     ping_frame = SSE_PING
+    transport = "sse"
 
     def __init__(
         self,

@@ -162,7 +162,7 @@ async def test_a_slow_consumer_is_still_closed_when_its_first_send_waits() -> No
         with anyio.fail_after(TIMEOUT):
             await ws.closed.wait()
         assert ws.closed_with is not None and ws.closed_with[0] == 1013
-    assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+    assert replay.stats() == {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
 async def test_an_inline_send_that_fails_stops_that_connection_only() -> None:

@@ -23,7 +23,7 @@ from .helpers import TIMEOUT, connect, lifespan_of, make_app, running
 
 pytestmark = pytest.mark.anyio
 
-ZERO = {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+ZERO = {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
 async def test_shutdown_closes_open_connections_with_1001() -> None:

@@ -179,7 +179,7 @@ async def test_live_events_held_during_a_stalled_replay_count_toward_the_queue()
             await ws.closed.wait()
         assert ws.closed_with is not None and ws.closed_with[0] == 1013
     ws.close_streams()
-    assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+    assert replay.stats() == {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
 # --- long replays ---------------------------------------------------------------------------------------

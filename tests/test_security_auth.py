@@ -302,7 +302,13 @@ async def test_revoke_closes_every_connection_of_the_identity_with_1008() -> Non
             assert response.json() == {"closed": 2}
             assert await closed_with(a) == 1008
             assert await closed_with(b) == 1008
-            assert replay.stats() == {"connections": 1, "subscriptions": 1, "topics": 1, "queued_frames": 0}
+            assert replay.stats() == {
+                "connections": 1,
+                "sse_streams": 0,
+                "subscriptions": 1,
+                "topics": 1,
+                "queued_frames": 0,
+            }
             await ping(other)  # another identity is untouched
             await refused(app, cookies=cookies)  # the session is gone: a reconnect is refused
 

@@ -36,7 +36,7 @@ from starlette_replay import MemoryStore, Replay, allow_all
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 10.0
-ZERO = {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+ZERO = {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
 def load_soak() -> Any:

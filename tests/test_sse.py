@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
@@ -19,6 +20,8 @@ from starlette_replay.protocol import MAX_OFFSET, FrameError, parse_cursor_list,
 
 from .helpers import running
 from .sse_client import AsgiStream, query
+
+EMPTY = {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 pytestmark = pytest.mark.anyio
 
@@ -143,7 +146,7 @@ async def test_bad_input_is_a_400_and_nothing_else(
     assert stream.status == 400
     assert stream.json()["code"] == code
     assert needle in stream.json()["message"], stream.json()
-    assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+    assert replay.stats() == EMPTY
 
 
 async def test_more_topics_than_a_cursor_list_can_hold_are_refused_before_the_stream() -> None:
@@ -300,7 +303,13 @@ async def test_an_unreachable_store_is_a_503_with_nothing_held() -> None:
         store.down = True
         stream = await refused(app, query(["a", "b"]))
         assert (stream.status, stream.json()["code"]) == (503, "unavailable")
-        assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+        assert replay.stats() == {
+            "connections": 0,
+            "sse_streams": 0,
+            "subscriptions": 0,
+            "topics": 0,
+            "queued_frames": 0,
+        }
 
 
 # --- the stream -------------------------------------------------------------------
@@ -414,7 +423,7 @@ async def test_client_gone_leaves_nothing_behind(served: tuple[Replay, Any]) -> 
         await stream.frame()
         assert replay.stats()["connections"] == 1
         assert replay.stats()["subscriptions"] == 2
-    assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+    assert replay.stats() == EMPTY
     assert not stream.ended  # the client left: nothing more was written
 
 
@@ -651,7 +660,13 @@ async def test_a_request_cancelled_while_it_joins_leaves_nothing_behind() -> Non
                 tg.cancel_scope.cancel()  # the server gives up on the request
         stream.discard()
         assert stream.status is None  # nothing was sent
-        assert replay.stats() == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+        assert replay.stats() == {
+            "connections": 0,
+            "sse_streams": 0,
+            "subscriptions": 0,
+            "topics": 0,
+            "queued_frames": 0,
+        }
 
 
 async def test_streams_count_in_the_metrics_as_connections(served: tuple[Replay, Any]) -> None:
@@ -660,6 +675,14 @@ async def test_streams_count_in_the_metrics_as_connections(served: tuple[Replay,
     async with AsgiStream(app, "/sse", query(["a"]), {"last-event-id": f"{events[0].epoch}:0"}) as stream:
         await stream.frame()
         assert replay.metrics.connections_opened == 1
+        assert replay.metrics.sse_streams_opened == 1
+        assert replay.stats()["sse_streams"] == replay.stats()["connections"] == 1
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(replay.collector())
+        text = generate_latest(registry).decode()
+        assert "starlette_replay_sse_streams_open 1.0" in text
+        assert "starlette_replay_sse_streams_opened_total 1.0" in text
     await stream.wait_done()
+    assert replay.stats()["sse_streams"] == 0
     assert replay.metrics.closes == {"peer": 1}  # the client left first
     assert replay.metrics.events_replayed == 2

@@ -14,7 +14,7 @@ from .helpers import connect, make_app, running
 
 pytestmark = pytest.mark.anyio
 
-ZERO = {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+ZERO = {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
 
 
 class FlakyStore(MemoryStore):
