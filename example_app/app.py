@@ -40,7 +40,6 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
 
 from starlette_replay import EventStore, MemoryStore, RedisStore, Refused, Replay
 
@@ -122,12 +121,12 @@ def create_app(
     if not token_rate > 0:
         raise ValueError("token_rate must be > 0 tokens per second")
 
-    def authorize(websocket: WebSocket, topic: str) -> bool:
-        uid = user_id(websocket)
+    def authorize(conn: HTTPConnection, topic: str) -> bool:  # a WebSocket, or the SSE route's Request
+        uid = user_id(conn)
         return uid is not None and topic == topic_of(uid)
 
-    def identify(websocket: WebSocket) -> str:
-        uid = user_id(websocket)
+    def identify(conn: HTTPConnection) -> str:
+        uid = user_id(conn)
         if uid is None:
             raise Refused("no uid cookie")
         return uid
@@ -279,6 +278,7 @@ def create_app(
             Route("/api/stop", stop, methods=["POST"]),
             replay.client_route("/replay.js"),
             replay.route("/ws"),
+            replay.sse_route("/sse"),  # the same stream over server-sent events (the page's ?transport=sse)
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,

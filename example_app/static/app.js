@@ -13,14 +13,24 @@ const snapshot = await (await fetch("/api/history")).json();
 const topic = snapshot.topic;
 const offlineMs = Math.round((snapshot.agent_delay + 3) * 1000);
 
-// --- transport: the one place that makes the client (WebSocket today) --------------------
+// --- transport: the one place that makes the client ---------------------------------------
+// ?transport=sse reads the same stream from the SSE route (/sse); the default is the WebSocket (/ws).
+
+const transport = new URLSearchParams(location.search).get("transport") === "sse" ? "sse" : "websocket";
 
 function makeClient() {
-  return new ReplayClient("/ws", {
+  return new ReplayClient(transport === "sse" ? "/sse" : "/ws", {
+    transport,
     autoConnect: false,
     heartbeatInterval: snapshot.heartbeat_interval * 1000, // must match the server's
   });
 }
+
+const other = transport === "sse" ? "websocket" : "sse";
+$("transport").textContent = transport === "sse" ? "SSE" : "WebSocket";
+$("switch").textContent = `use ${other === "sse" ? "SSE" : "WebSocket"}`;
+$("switch").href = other === "sse" ? "?transport=sse" : "?";
+document.body.dataset.transport = transport;
 
 const client = makeClient();
 

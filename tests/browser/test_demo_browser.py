@@ -96,8 +96,11 @@ async def tokens_shown(page: Page, count: int) -> None:
     )
 
 
-async def open_page(browser: Browser, server: DemoServer) -> tuple[BrowserContext, Page, list[str]]:
-    """A fresh browser context on the demo page, connected; the list collects page errors and console errors."""
+async def open_page(
+    browser: Browser, server: DemoServer, transport: str = "websocket"
+) -> tuple[BrowserContext, Page, list[str]]:
+    """A fresh browser context on the demo page, connected over ``transport`` ("websocket" or "sse", the page's
+    switch); the list collects page errors and console errors."""
     context = await browser.new_context(viewport={"width": 1100, "height": 720})
     page = await context.new_page()
     problems: list[str] = []
@@ -108,9 +111,10 @@ async def open_page(browser: Browser, server: DemoServer) -> tuple[BrowserContex
             problems.append(f"console.{msg.type}: {msg.text}")
 
     page.on("console", on_console)
-    await page.goto(server.url)
+    await page.goto(server.url + ("/?transport=sse" if transport == "sse" else ""))
     await page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
     await page.wait_for_selector("#status[data-state=open]", timeout=WAIT_MS)
+    assert await page.evaluate("document.body.dataset.transport") == transport
     return context, page, problems
 
 
@@ -209,13 +213,14 @@ async def test_silent_socket_is_detected_by_the_heartbeat(
         await context.close()
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
 async def test_a_dropped_connection_mid_answer_continues_at_the_exact_token(
-    browser: Browser, stream_server: DemoServer, tmp_path: Path
+    browser: Browser, stream_server: DemoServer, tmp_path: Path, transport: str
 ) -> None:
     """The socket goes down after a few tokens; the agent goes on (a disconnect never stops it); the page
     reconnects while the answer is still streaming and shows every token once, in order, then the end."""
     with anyio.fail_after(90):
-        context, page, problems = await open_page(browser, stream_server)
+        context, page, problems = await open_page(browser, stream_server, transport)
         (cookie,) = [c for c in await context.cookies() if c["name"] == "uid"]
         await page.fill("#text", MESSAGE)
         await page.click("#send")
@@ -245,11 +250,12 @@ async def test_a_dropped_connection_mid_answer_continues_at_the_exact_token(
         await context.close()
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
 async def test_a_reload_mid_answer_renders_the_partial_answer_and_continues(
-    browser: Browser, stream_server: DemoServer, tmp_path: Path
+    browser: Browser, stream_server: DemoServer, tmp_path: Path, transport: str
 ) -> None:
     with anyio.fail_after(90):
-        context, page, problems = await open_page(browser, stream_server)
+        context, page, problems = await open_page(browser, stream_server, transport)
         await page.fill("#text", MESSAGE)
         await page.click("#send")
         await tokens_shown(page, 3)
