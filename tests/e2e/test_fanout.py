@@ -43,4 +43,4 @@ async def test_many_clients_each_get_every_event_once(
         abort_all(clients)
     assert_exact(clients, {topic: (published[topic]["epoch"], published[topic]["last"]) for topic in TOPICS})
     assert all(client.server_closes == [] for client in clients)
-    assert stats == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}
+    assert stats == {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}

@@ -22,6 +22,7 @@ async def test_start_publish_restart_kill(uvicorn_servers: ServerFactory) -> Non
         assert [(e["offset"], e["data"]["i"]) for e in history] == [(1, 0), (2, 1), (3, 2)]
         assert (await http.get("/stats")).json() == {
             "connections": 0,
+            "sse_streams": 0,
             "subscriptions": 0,
             "topics": 0,
             "queued_frames": 0,

@@ -104,4 +104,4 @@ async def test_reconnect_storm_loses_and_duplicates_nothing(
     )
     assert replayed > 0, f"no resume replayed anything: the storm tested nothing {context}"
     assert connections >= 2 * CLIENTS, f"the storm made only {connections} connections {context}"
-    assert stats == {"connections": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}, context
+    assert stats == {"connections": 0, "sse_streams": 0, "subscriptions": 0, "topics": 0, "queued_frames": 0}, context

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from collections.abc import Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 
 import anyio
 import pytest
@@ -87,11 +88,27 @@ async def test_health_goes_503_while_redis_is_frozen_and_200_again(
     assert body == {"ready": True, "checks": {"replay": "running", "redis_commands": "ok", "redis_listener": "ok"}}
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """The first of ``count`` consecutive ports on 127.0.0.1 that are free right now (the
+    recipe's metrics port range; a range after a lone free port may hold a taken one)."""
+    for _ in range(100):
+        first = free_port()
+        try:
+            with ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} free ports in a row")
+
+
 async def test_each_worker_serves_its_own_metrics_and_they_add_up(
     redis_server_factory: Callable[..., RedisServer], uvicorn_servers: Callable[..., UvicornServer]
 ) -> None:
     redis = redis_server_factory()
-    first = free_port()
+    first = free_ports_in_a_row(2)
     server = uvicorn_servers(
         app=APP,
         env={"REPLAY_REDIS_URL": redis.url, "METRICS_PORTS": f"{first}:2"},
