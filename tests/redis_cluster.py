@@ -49,15 +49,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-def _two_free_ports() -> tuple[int, int]:
-    """A client port and a cluster bus port, both free right now."""
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free right now (held open together while they are picked)."""
     socks = []
     try:
-        for _ in range(2):
+        for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             socks.append(sock)
-        return int(socks[0].getsockname()[1]), int(socks[1].getsockname()[1])
+        return [int(sock.getsockname()[1]) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
@@ -68,21 +68,26 @@ class ClusterNode(RedisServer):
 
     def __init__(self, directory: Path, *, node_timeout: int, extra: tuple[str, ...] = ()) -> None:
         super().__init__(directory, appendonly=True)
-        self.port, self.bus_port = _two_free_ports()
+        self.node_timeout = node_timeout
+        self.options = extra
+        self.use_ports(*_free_ports(2))
+
+    def use_ports(self, port: int, bus_port: int) -> None:
+        self.port, self.bus_port = port, bus_port
         self.extra = (
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
-            str(directory / "nodes.conf"),
+            str(self.directory / "nodes.conf"),
             "--cluster-port",
             str(self.bus_port),
             "--cluster-node-timeout",
-            str(node_timeout),
+            str(self.node_timeout),
             "--cluster-require-full-coverage",
             "no",
             "--cluster-allow-replica-migration",
             "no",
-            *extra,
+            *self.options,
         )
 
     @property
@@ -122,6 +127,9 @@ class LocalCluster:
             ClusterNode(directory / f"node-{i}", node_timeout=node_timeout, extra=extra)
             for i in range(primaries * (1 + replicas))
         ]
+        ports = _free_ports(2 * len(self.nodes))
+        for i, node in enumerate(self.nodes):
+            node.use_ports(ports[2 * i], ports[2 * i + 1])
 
     @property
     def url(self) -> str:
@@ -131,7 +139,15 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         assert REDIS_CLI is not None
         for node in self.nodes:
-            node.start()
+            for attempt in range(3):  # another process may take a port between picking and binding
+                try:
+                    node.start()
+                    break
+                except RuntimeError:
+                    node.process = None
+                    if attempt == 2 or b"Address already in use" not in node.log.read_bytes():
+                        raise
+                    node.use_ports(*_free_ports(2))
         command = [REDIS_CLI, "--cluster", "create", *(n.address for n in self.nodes)]
         command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         subprocess.run(command, check=True, capture_output=True, timeout=60)
@@ -243,8 +259,11 @@ class LocalCluster:
     # --- faults and operations -------------------------------------------------------
 
     def failover(self, replica: ClusterNode, *, mode: str = "") -> None:
-        """``CLUSTER FAILOVER [FORCE|TAKEOVER]`` on ``replica``; returns once it is a primary."""
-        replica.execute("CLUSTER", "FAILOVER", *([mode] if mode else []))
+        """``CLUSTER FAILOVER [FORCE|TAKEOVER]`` on ``replica``; returns once it is a primary
+        (at once if the cluster already promoted it by itself)."""
+        wait_until(lambda: self._answers(replica), 10, f"{replica.address} answering")
+        if replica.info("replication")["role"] != "master":
+            replica.execute("CLUSTER", "FAILOVER", *([mode] if mode else []))
         wait_until(lambda: replica.info("replication")["role"] == "master", 20, f"{replica.address} promoted")
 
     def reshard(self, source: ClusterNode, target: ClusterNode, slots: int) -> None:
