@@ -9,6 +9,7 @@ reset.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,8 @@ from tests.redis_cluster import ClusterNode, LocalCluster, topic_slot, wait_unti
 from tests.redis_server import RecordingSink, attached
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "cf"
 
@@ -230,7 +233,10 @@ async def test_a_primary_killed_while_publishing_publishes_fail_in_time_or_succe
     durations: list[float] = []
     failures: list[BaseException] = []
 
+    killed_at: list[float] = []
+
     def kill() -> None:
+        killed_at.append(time.time() * 1000)
         victim.kill()
         wait_until(lambda: replica.info("replication")["role"] == "master", 30, "the replica promoted")
 
@@ -258,6 +264,10 @@ async def test_a_primary_killed_while_publishing_publishes_fail_in_time_or_succe
                 assert reset, (topic, missing)
         for topic in on_victim:
             assert listener_of(store, topic) == ("127.0.0.1", replica.port)
+        # how long the victim's slots took a publish: from the kill to the first event stored there
+        back = min(e.time for t in on_victim for e in published[t] if e.time > killed_at[0]) - killed_at[0]
+        logger.info("first publish stored on the killed primary's slots %.0f ms after the kill", back)
+        assert back < 10_000
 
 
 async def test_a_reshard_while_topics_in_the_moving_slots_are_subscribed_loses_nothing(

@@ -87,9 +87,9 @@ class RedisStore:
     ``connections + 1`` connections to Redis, whatever the number of topics,
     publishers and subscribers.
 
-    Raises ``ValueError`` for a bad option, ``TypeError`` for a client without a
-    connection pool (``RedisCluster`` is not supported yet), ``ImportError``
-    without redis-py.
+    Raises ``ValueError`` for a bad option, ``TypeError`` for a client that is
+    neither a ``Redis`` (with a connection pool) nor a ``RedisCluster``,
+    ``ImportError`` without redis-py.
     ``RedisStore(client)`` takes an existing ``redis.asyncio.Redis`` for its
     settings (address, credentials, TLS, database, protocol), opens connections
     of its own with them (none from the client's pool), and :meth:`aclose`
