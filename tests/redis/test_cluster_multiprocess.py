@@ -1,21 +1,25 @@
-"""Two uvicorn processes on one Redis Cluster: delivery across processes and resume, per shard.
+"""Two uvicorn processes on one Redis Cluster: delivery across processes and resume, per shard,
+and clients on topics whose slots move.
 
 Real sockets end to end: ``websockets`` clients, uvicorn subprocesses running
-``tests.redis.app`` with ``REPLAY_REDIS_CLUSTER=1``, the shared 3-primary,
-3-replica cluster of tests/redis_cluster.py.
+``tests.redis.app`` with ``REPLAY_REDIS_CLUSTER=1``, 3-primary, 3-replica
+clusters of tests/redis_cluster.py.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 
 import anyio
 import anyio.to_thread
 import pytest
 
+from starlette_replay import RedisStore, Replay
 from starlette_replay.protocol import EventFrame, Subscribed, parse_server_frame
-from tests.redis.test_multiprocess import events, open_client, publish_via, subscribe
+from tests.redis.test_cluster_faults import topics_on
+from tests.redis.test_multiprocess import StreamingClient, events, open_client, publish_via, subscribe
 from tests.redis_cluster import LocalCluster, topic_slot
 from tests.servers import ServerFactory, UvicornServer
 
@@ -76,3 +80,61 @@ async def test_published_in_a_received_in_b_on_every_shard_then_resumed_on_a(
         # and it stays live on A for what B publishes next
         assert await publish_via(b, topics[0], 1) == [6]
         assert [(e.topic, e.offset) for e in await events(on_a, 1)] == [(topics[0], 6)]
+
+
+async def test_clients_on_topics_in_moving_slots_get_every_event_through_a_reshard(
+    redis_cluster_factory: Callable[..., LocalCluster], uvicorn_servers: ServerFactory
+) -> None:
+    cluster = await anyio.to_thread.run_sync(redis_cluster_factory)
+    source, target = cluster.primaries()[:2]
+    moving = set(cluster.slots_of(source)[:200])  # redis-cli moves the source's lowest slots
+    topics = topics_on(cluster, source, 4, slots=moving)
+    prefix = f"cmp{secrets.token_hex(4)}"
+    a = await anyio.to_thread.run_sync(start_web, uvicorn_servers, cluster, prefix, "a")
+    b = await anyio.to_thread.run_sync(start_web, uvicorn_servers, cluster, prefix, "b")
+    clients = [StreamingClient([url, url], topic) for topic in topics for url in (a.ws_url(), b.ws_url())]
+    progress = anyio.Event()
+
+    def changed() -> None:
+        nonlocal progress
+        progress.set()
+        progress = anyio.Event()
+
+    async def until(condition: Callable[[], bool], within: float = 30) -> None:
+        with anyio.fail_after(within):
+            while not condition():
+                await progress.wait()
+
+    published: dict[str, list[int]] = {topic: [] for topic in topics}
+    resharded = anyio.Event()
+    done = anyio.Event()
+    store = RedisStore.from_url(cluster.url, cluster=True, prefix=prefix, publish_timeout=5)
+    async with Replay(store) as publisher, anyio.create_task_group() as tg:
+        for client in clients:
+            tg.start_soon(client.run, changed)
+        await until(lambda: all(c.subscribed for c in clients))
+
+        async def publish() -> None:
+            i = after = 0
+            while after < 100:
+                topic = topics[i % len(topics)]
+                event = await publisher.publish(topic, "tick", {"i": i}, idempotency_key=f"k{i}")
+                published[topic].append(event.offset)
+                i += 1
+                after += resharded.is_set()
+                await anyio.sleep(0.003)  # pacing the feed, not synchronising
+            done.set()
+            changed()
+
+        tg.start_soon(publish)
+        await until(lambda: all(len(c.offsets) >= 10 for c in clients))
+        await anyio.to_thread.run_sync(cluster.reshard, source, target, len(moving))
+        resharded.set()
+        await until(lambda: done.is_set() and all(c.offsets[-1:] == published[c.topic][-1:] for c in clients))
+        for client in clients:
+            await client.stop()
+    assert set(cluster.slots_of(target)) >= moving
+    for client in clients:
+        assert published[client.topic] == list(range(1, len(published[client.topic]) + 1))
+        assert client.offsets == published[client.topic]  # no gap, no duplicate
+        assert len(client.subscribed) == 1  # and never closed: the servers followed the slots
