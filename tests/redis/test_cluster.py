@@ -7,6 +7,7 @@ Fail-overs and migrations, which change it, are in test_cluster_faults.py.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -18,8 +19,9 @@ import pytest
 import redis.asyncio
 
 from starlette_replay import Cursor, RedisStore, StoreError
+from starlette_replay.stores.redis._codec import packer
 from tests.redis_cluster import LocalCluster, topic_slot, wait_until
-from tests.redis_server import attached
+from tests.redis_server import RedisServer, attached
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -175,3 +177,25 @@ async def test_a_cluster_without_sharded_pub_sub_is_refused_naming_what_is_neede
     with pytest.raises(StoreError, match=r"Redis 7\.0 or later.*sharded pub/sub \(SPUBLISH, SSUBSCRIBE\)"):
         async with attached(store):
             pass
+
+
+async def test_a_call_expecting_two_replies_gets_the_second_and_the_others_stay_matched(
+    redis_server: RedisServer,
+) -> None:
+    # What ASK redirections use (ASKING + the command), on one Redis: the first reply
+    # (here an error, ASKING outside a cluster) is dropped, the second is the call's.
+    pack = packer()
+    store = RedisStore.from_url(redis_server.url, connections=2)
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        calls = [
+            store._pipes.call(pack(("ASKING",)) + pack(("ECHO", f"b{i}")), deadline, replies=2)
+            if i % 3 == 0
+            else store._pipes.call(pack(("ECHO", f"c{i}")), deadline)
+            for i in range(300)
+        ]
+        with anyio.fail_after(10):
+            replies = await asyncio.gather(*calls)
+        assert replies == [(f"b{i}" if i % 3 == 0 else f"c{i}").encode() for i in range(300)]
+    finally:
+        await store.aclose()
