@@ -17,8 +17,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from httpx_ws import WebSocketDisconnect
 
-from starlette_replay import Event, RedisStore, StoreUnavailable
+from starlette_replay import Event, RedisStore, Replay, StoreUnavailable, allow_all
+from tests.helpers import connect, make_app, running
 from tests.redis.test_faults import publish_until_stored
 from tests.redis_cluster import ClusterNode, LocalCluster, topic_slot, wait_until
 from tests.redis_server import RecordingSink, attached
@@ -341,3 +343,64 @@ async def test_lost_writes_after_a_failover_takeover_reset_the_topic(
         await sink.wait_for(lambda: sink.of(topic)[-1] == last)
         later = sink.of(topic)[5:]
         assert later == [*reused, last][len(reused) + 1 - len(later) :]
+
+
+async def test_after_lost_writes_and_a_takeover_every_client_resumes_unrecovered(
+    redis_cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    # The same lost writes, seen by clients of one Replay that stays up on the cluster:
+    # one connected throughout (closed with 1013 by the reset), one that left after
+    # offset 4. Both resume from their last event, with its time, after new publishes
+    # carried the head past the old one: neither may skip the reused offsets in silence.
+    cluster = redis_cluster_factory()
+    primary = cluster.primaries()[0]
+    replica = cluster.replica_of(primary)
+    (topic,) = topics_on(cluster, primary, 1)
+    replay = Replay(cluster_store(cluster, publish_timeout=5), authorize=allow_all)
+    async with running(make_app(replay)) as app:
+        async with connect(app) as connected:
+            async with connect(app) as leaving:
+                epoch = (await connected.subscribe(topic))["epoch"]
+                await leaving.subscribe(topic)
+                await replay.publish_many(topic, [("e", i) for i in range(3)])
+                await anyio.to_thread.run_sync(
+                    wait_until,
+                    lambda: (
+                        replica.info("replication")["slave_repl_offset"]
+                        >= primary.info("replication")["master_repl_offset"]
+                    ),
+                    10,
+                    "the replica caught up",
+                )
+                replica.freeze()
+                primary.execute("CLIENT", "KILL", "TYPE", "replica")
+                await replay.publish_many(topic, [("e", i) for i in range(3, 5)])  # acknowledged, then lost
+                got = await connected.events(5)
+                assert [e["offset"] for e in got] == [1, 2, 3, 4, 5]
+                left_at = (await leaving.events(4))[-1]
+            primary.kill()
+            replica.thaw()
+            await anyio.to_thread.run_sync(lambda: cluster.failover(replica, mode="TAKEOVER"))
+            reused = []
+            with anyio.fail_after(30):
+                while len(reused) < 3:
+                    try:
+                        (event,) = await replay.publish_many(topic, [("e", f"new{len(reused)}")])
+                    except StoreUnavailable:
+                        await anyio.sleep(0.05)  # a publisher's retry pause, not synchronisation
+                        continue
+                    reused.append(event)
+            assert [(e.epoch, e.offset) for e in reused] == [(epoch, 4), (epoch, 5), (epoch, 6)]
+            # the listener reset the topic: closed with 1013, and nothing of the new history before
+            frames = []
+            with anyio.fail_after(20), pytest.raises(WebSocketDisconnect) as closed:
+                while True:
+                    frames.append(await connected.recv(within=20))
+            assert closed.value.code == 1013
+            assert [frame for frame in frames if frame["type"] == "event"] == []
+        for cursor in (got[-1], left_at):
+            async with connect(app) as client:
+                sub = await client.subscribe(topic, epoch=epoch, offset=cursor["offset"], time=cursor["time"])
+                assert (sub["resumed"], sub["recovered"], sub["replayed"]) == (True, False, 6)
+                replayed = await client.events(6)
+                assert [e["data"] for e in replayed[3:]] == ["new0", "new1", "new2"]
