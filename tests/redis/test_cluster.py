@@ -80,9 +80,11 @@ async def test_topics_spread_over_every_shard_are_stored_and_delivered_in_order(
                 assert client.exists(f"{store.prefix}:{{{topic}}}:meta", f"{store.prefix}:{{{topic}}}:log") == 2
 
 
-async def test_a_cluster_client_the_app_built_lends_its_settings_and_stays_open(redis_cluster: LocalCluster) -> None:
+async def test_a_cluster_client_the_app_built_resp3_decoding_lends_its_settings_and_stays_open(
+    redis_cluster: LocalCluster,
+) -> None:
     first = redis_cluster.primaries()[0]
-    client = redis.asyncio.RedisCluster(host="127.0.0.1", port=first.port)
+    client = redis.asyncio.RedisCluster(host="127.0.0.1", port=first.port, protocol=3, decode_responses=True)
     try:
         store = RedisStore(client, prefix=f"c{secrets.token_hex(4)}", publish_timeout=3)
         async with attached(store) as (store, sink):

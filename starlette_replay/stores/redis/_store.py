@@ -264,7 +264,6 @@ class RedisStore:
         if cluster:
             # Its own command path is unused (the store routes and retries); its
             # connections only load the slot map, within socket_connect_timeout.
-            options.pop("retry")
             client = redis.asyncio.RedisCluster.from_url(url, **options)
         else:
             client = redis.asyncio.Redis.from_url(url, **options)
