@@ -8,6 +8,7 @@ Fail-overs and migrations, which change it, are in test_cluster_faults.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -201,3 +202,20 @@ async def test_a_call_expecting_two_replies_gets_the_second_and_the_others_stay_
         assert replies == [(f"b{i}" if i % 3 == 0 else f"c{i}").encode() for i in range(300)]
     finally:
         await store.aclose()
+
+
+async def test_startup_checks_the_durability_settings_of_every_primary(
+    redis_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    primaries = redis_cluster.primaries()
+    careless = primaries[-1]
+    careless.execute("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    try:
+        with caplog.at_level(logging.WARNING, logger="starlette_replay.stores.redis"):
+            async with attached(cluster_store(redis_cluster)):
+                pass
+    finally:
+        careless.execute("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert len(warnings) == 1 and f"allkeys-lru on 127.0.0.1:{careless.port}" in warnings[0], warnings
+    assert "appendonly=" not in caplog.text  # the others are durable

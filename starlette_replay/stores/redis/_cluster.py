@@ -182,9 +182,17 @@ class Routes:
             )
         return pipes
 
-    async def call(self, packed: bytes, deadline: float, key: str | None, ask: Address | None = None) -> Any:
+    async def call(
+        self,
+        packed: bytes,
+        deadline: float,
+        key: str | None,
+        ask: Address | None = None,
+        *,
+        node: Address | None = None,
+    ) -> Any:
         """Send one packed command to the primary of ``key``'s slot (or, with ``ask``, to that
-        node after ``ASKING``); returns its raw reply. Raises as ``Pipelines.call``."""
+        node after ``ASKING``; or to ``node``); returns its raw reply. Raises as ``Pipelines.call``."""
         if self.closed:
             raise NotSent("the store is closed")
         if not self._initialized:
@@ -197,7 +205,7 @@ class Routes:
                 raise NotSent(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
         if ask is not None:
             return await self.pipes(ask).call(ASKING + packed, deadline, replies=2)
-        return await self.pipes(self.address_of(key)).call(packed, deadline)
+        return await self.pipes(node or self.address_of(key)).call(packed, deadline)
 
     async def aclose(self) -> None:
         """Close every node's connections and stop refreshing (a later call opens new ones

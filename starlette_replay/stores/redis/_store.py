@@ -329,6 +329,7 @@ class RedisStore:
         self,
         *args: Any,
         key: str | None = None,
+        node: Address | None = None,
         script: _scripts.Script | None = None,
         retry: bool = True,
         deadline_at: float | None = None,
@@ -337,7 +338,8 @@ class RedisStore:
 
         With ``script``, ``args`` are its ``numkeys, *keys, *argv``: it is sent
         by SHA (``EVALSHA``), and by its body once when Redis does not know it.
-        ``key`` routes it on a cluster (the primary of its slot; None: any).
+        ``key`` routes it on a cluster (the primary of its slot; None: any), or
+        ``node`` names the cluster node it goes to.
         Sends the command again when it cannot have reached Redis
         (:class:`NotSent`) or did not run there (a cluster's ``MOVED``, ``ASK``,
         ``TRYAGAIN``, ``CLUSTERDOWN``), and also after its reply was lost when
@@ -363,7 +365,7 @@ class RedisStore:
                     if routes is None:
                         return await self._pipes.call(packed, end)
                     target, ask = ask, None
-                    return await routes.call(packed, end, key, target)
+                    return await routes.call(packed, end, key, target, node=node)
                 except ReplyLost as exc:
                     last_error = exc
                     if routes is not None:
@@ -600,8 +602,10 @@ class RedisStore:
                 await self._client.aclose()
 
     async def _check_server(self) -> None:
-        """Warn about settings that can lose events; on a cluster, raise ``StoreError``
-        without sharded pub/sub (Redis < 7.0). Unreachable: warn, check nothing."""
+        """Warn about settings that can lose events (on every primary of a cluster); on a
+        cluster, raise ``StoreError`` without sharded pub/sub (Redis < 7.0). Unreachable:
+        warn, check nothing."""
+        nodes: list[Address | None] = [None]
         if self._routes is not None:
             try:
                 reply = await self._execute("COMMAND", "INFO", "SPUBLISH")
@@ -613,30 +617,39 @@ class RedisStore:
                     "RedisStore on a Redis Cluster needs Redis 7.0 or later: live events use sharded "
                     "pub/sub (SPUBLISH, SSUBSCRIBE), which this cluster does not have"
                 )
+            nodes = list(self._routes.primaries())
+        for node in nodes:
+            await self._check_durability(node)
+
+    async def _check_durability(self, node: Address | None) -> None:
+        where = "" if node is None else f" on {node[0]}:{node[1]}"
         try:
-            appendonly = config_value(await self._execute("CONFIG", "GET", "appendonly"))
-            policy = config_value(await self._execute("CONFIG", "GET", "maxmemory-policy"))
+            appendonly = config_value(await self._execute("CONFIG", "GET", "appendonly", node=node))
+            policy = config_value(await self._execute("CONFIG", "GET", "maxmemory-policy", node=node))
         except StoreUnavailable as exc:
             logger.warning("Redis unreachable at startup (%s); live events start once it is back", exc)
             return
         except StoreError as exc:
             logger.warning(
-                "cannot read Redis's persistence settings (%s); make sure the server runs with "
+                "cannot read Redis's persistence settings%s (%s); make sure the server runs with "
                 "appendonly yes and maxmemory-policy noeviction, or events can be lost",
+                where,
                 exc,
             )
             return
         if appendonly != "yes":
             logger.warning(
-                "Redis runs with appendonly=%s: acknowledged events are lost if Redis restarts "
+                "Redis runs with appendonly=%s%s: acknowledged events are lost if Redis restarts "
                 "(clients then get a new epoch); set appendonly yes for zero loss",
                 appendonly or "?",
+                where,
             )
         if policy != "noeviction":
             logger.warning(
-                "Redis maxmemory-policy is %s: under memory pressure Redis may evict topic history "
+                "Redis maxmemory-policy is %s%s: under memory pressure Redis may evict topic history "
                 "(clients then get a new epoch); set maxmemory-policy noeviction for zero loss",
                 policy or "?",
+                where,
             )
 
     # --- live side -------------------------------------------------------------------
