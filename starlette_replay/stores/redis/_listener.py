@@ -240,13 +240,17 @@ class Listener:
             self._tasks = tg
             tg.start_soon(self._write, conn)
             tg.start_soon(self._watch)
-            can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
+            # redis-py 8's can_read() looks at the buffer without taking from it. Older
+            # ones have only can_read_destructive(), whose hiredis parser drops a reply
+            # already buffered (redis-py 5.0 with hiredis lost live messages so): there,
+            # read one reply at a time.
+            can_read = getattr(conn, "can_read", None)
             while True:
                 # The read blocks without a timer of its own: _watch bounds it.
                 self._reading_since = time.monotonic()
                 replies = [await conn.read_response(disable_decoding=True)]
                 self._reading_since = None
-                while len(replies) < _READ_BATCH and await can_read():  # already buffered: no wait
+                while can_read is not None and len(replies) < _READ_BATCH and await can_read():  # buffered
                     replies.append(await conn.read_response(disable_decoding=True))
                 # Delivering may send to every local subscriber from this task (inline
                 # sends): let the tasks that are ready run first, so that a publisher's
