@@ -21,6 +21,7 @@ import redis.asyncio
 
 from starlette_replay import Cursor, RedisStore, StoreError
 from starlette_replay.stores.redis._codec import packer
+from tests.redis.test_health import BAD_WITHIN, GOOD_WITHIN, INTERVAL, health_becomes
 from tests.redis_cluster import LocalCluster, topic_slot, wait_until
 from tests.redis_server import RedisServer, attached
 
@@ -219,3 +220,28 @@ async def test_startup_checks_the_durability_settings_of_every_primary(
     warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
     assert len(warnings) == 1 and f"allkeys-lru on 127.0.0.1:{careless.port}" in warnings[0], warnings
     assert "appendonly=" not in caplog.text  # the others are durable
+
+
+async def test_health_is_ready_once_every_primary_s_listener_receives_the_probe(redis_cluster: LocalCluster) -> None:
+    # The probe is a classic PUBLISH (a cluster copies it to every node), received through
+    # a classic SUBSCRIBE on each primary's listener; watched topics or not, each primary
+    # has one. Kept out of one primary (its SUBSCRIBE refused), the store is not ready.
+    name = f"health{secrets.token_hex(3)}"
+    store = cluster_store(redis_cluster, client_name=name, health_check_interval=INTERVAL)
+    async with attached(store) as (store, _):
+        await health_becomes(store, True, BAD_WITHIN)
+        assert store.health().checks == {"redis_commands": "ok", "redis_listener": "ok"}
+        assert pubsub_clients(redis_cluster, name) == {node.port: 1 for node in redis_cluster.primaries()}
+        shut_out = redis_cluster.primaries()[1]
+        shut_out.execute("ACL", "SETUSER", "default", "-subscribe")
+        try:
+            listing = shut_out.execute("CLIENT", "LIST", "TYPE", "pubsub").decode()
+            (line,) = [line for line in listing.splitlines() if f" name={name} " in f" {line} "]
+            shut_out.execute("CLIENT", "KILL", "ID", line.split()[0].split("=")[1])
+            await health_becomes(store, False, BAD_WITHIN)
+            found = store.health()
+            assert found.checks["redis_commands"] == "ok"  # only one shard's listener is out
+            assert found.checks["redis_listener"].startswith("no probe received")
+        finally:
+            shut_out.execute("ACL", "SETUSER", "default", "+subscribe")
+        await health_becomes(store, True, GOOD_WITHIN)

@@ -30,7 +30,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -43,9 +43,7 @@ from ._codec import packer, parse_entries, parse_payload, redis_errors, text
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-    from ._health import Probe
-
-__all__ = ["Listener"]
+__all__ = ["Listener", "ProbeSink"]
 
 logger = logging.getLogger("starlette_replay.stores.redis.listener")
 
@@ -55,6 +53,18 @@ _REPAIR_PAGE = 500
 
 # sharded pub/sub's replies, as the classic ones they mirror
 _SHARDED_KINDS = {b"smessage": b"message", b"ssubscribe": b"subscribe", b"sunsubscribe": b"unsubscribe"}
+
+
+class ProbeSink(Protocol):
+    """What the listener tells the store's health probe (``_health.Probe``)."""
+
+    channel: str
+    raw_channel: bytes
+
+    def received(self, at: float | None = None) -> None: ...
+
+    def listener_lost(self) -> None: ...
+
 
 #: reads a topic's position and up to ``limit`` entries after ``after`` (None: no such topic)
 ReadState = Callable[[str, int, int], Awaitable[tuple[Position | None, Any]]]
@@ -114,7 +124,11 @@ class Listener:
         #: times the listener (re)connected, and resets it had to call; for tests and metrics
         self.reconnects = 0
         self.resets = 0
-        self.probe: Probe | None = None  # the store's self-check: its channel is subscribed on every connection
+        # The store's self-check: its channel is subscribed on every connection (on a cluster
+        # with classic SUBSCRIBE: the probe's PUBLISH reaches every node). Anything with the
+        # ProbeSink: the store's _health.Probe, or on a cluster a stand-in for each node's
+        # listener (_shards).
+        self.probe: ProbeSink | None = None
 
     # --- subscriptions --------------------------------------------------------------
 
@@ -275,8 +289,8 @@ class Listener:
             verb, channels = "", list[str]()
             for next_verb, channel in [*commands, ("", "")]:
                 if channels and next_verb != verb:
-                    for group in self._groups(channels):
-                        parts.append(pack((prefix + verb, *group)))
+                    for sharded, group in self._groups(channels):
+                        parts.append(pack(((prefix if sharded else "") + verb, *group)))
                     channels = []
                 if next_verb == "PING":
                     parts.append(pack(("PING",)))
@@ -285,18 +299,20 @@ class Listener:
                     channels.append(channel)
             await conn.send_packed_command(b"".join(parts), check_health=False)
 
-    def _groups(self, channels: list[str]) -> list[list[str]]:
-        """``channels`` (of one verb) cut into commands: at most ``_CHANNELS_PER_COMMAND``
-        each, and of one slot each when sharded (a channel's own commands keep their order)."""
+    def _groups(self, channels: list[str]) -> list[tuple[bool, list[str]]]:
+        """``channels`` (of one verb) cut into commands, each with whether it is sharded: at
+        most ``_CHANNELS_PER_COMMAND`` each, and of one slot each when sharded (a channel's
+        own commands keep their order); the probe's channel is classic pub/sub."""
+        by_slot: dict[int, list[str]] = {}
         if self._slot is None:
-            by_slot = {0: channels}
+            by_slot[0] = channels
         else:
-            by_slot = {}
+            probe = self.probe.channel if self.probe is not None else None
             for channel in channels:
-                by_slot.setdefault(self._slot(channel), []).append(channel)
+                by_slot.setdefault(-1 if channel == probe else self._slot(channel), []).append(channel)
         return [
-            group[i : i + _CHANNELS_PER_COMMAND]
-            for group in by_slot.values()
+            (self._sharded and slot >= 0, group[i : i + _CHANNELS_PER_COMMAND])
+            for slot, group in by_slot.items()
             for i in range(0, len(group), _CHANNELS_PER_COMMAND)
         ]
 

@@ -1,10 +1,10 @@
 """The live side of RedisStore on a Redis Cluster: one :class:`~._listener.Listener` per primary.
 
 The append script SPUBLISHes on the topic's channel, which shares the topic's
-slot, so the event reaches only that slot's shard. Each primary that holds a
-watched topic gets one listener (one pub/sub connection, speaking SSUBSCRIBE),
-never one per topic. Each topic lives in exactly one listener, the one of the
-primary its slot belongs to, and is moved when that changes:
+slot, so the event reaches only that slot's shard. Each primary gets one
+listener (one pub/sub connection, speaking SSUBSCRIBE), never one per topic.
+Each topic lives in exactly one listener, the one of the primary its slot
+belongs to, and is moved when that changes:
 
 * the server unsubscribes a topic by itself (``sunsubscribe`` with nobody
   asking) when its slot leaves the node (a migration, a fail-over that made
@@ -13,6 +13,12 @@ primary its slot belongs to, and is moved when that changes:
 * a listener's connection fails (a primary killed): the slot map is
   refreshed, again after every failed reconnect, until the cluster promoted a
   replica; then that node's topics move to the new primary's listener.
+
+Every primary has a listener, watched topics or not, so the store's health
+probe (``_health``: a classic PUBLISH, which a cluster copies to every node,
+received on each listener's connection by a classic SUBSCRIBE) tests the live
+path of every shard: the store counts as receiving probes while every
+primary's listener does, as of the oldest of their last probes.
 
 A moved topic keeps where it stood (epoch, last offset delivered and its
 time): once its new node confirms the subscription, the listener repairs it
@@ -24,6 +30,8 @@ that moved back or a reused offset resets it.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,12 +41,31 @@ import anyio.abc
 from ...errors import StoreUnavailable
 from ..base import LiveSink
 from ._cluster import Address, Routes, key_slot
-from ._listener import Listener, ReadState, _Topic
+from ._listener import Listener, ProbeSink, ReadState, _Topic
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
 __all__ = ["ShardedListener"]
+
+
+class _NodeProbe:
+    """The probe as one node's listener sees it: it reports to the ShardedListener."""
+
+    __slots__ = ("address", "channel", "raw_channel", "shards")
+
+    def __init__(self, shards: ShardedListener, probe: ProbeSink, address: Address) -> None:
+        self.shards = shards
+        self.address = address
+        self.channel = probe.channel
+        self.raw_channel = probe.raw_channel
+
+    def received(self, at: float | None = None) -> None:
+        self.shards._probe_received(self.address, time.monotonic() if at is None else at)
+
+    def listener_lost(self) -> None:
+        self.shards._probe_received(self.address, None)
+
 
 logger = logging.getLogger("starlette_replay.stores.redis.listener")
 
@@ -74,7 +101,36 @@ class ShardedListener:
         self._tasks: anyio.abc.TaskGroup | None = None
         self._retired_reconnects = 0
         self._retired_resets = 0
+        self._probe: ProbeSink | None = None
+        self._probe_at: dict[Address, float | None] = {}  # each node listener's last probe received
         routes.on_change.append(self._rehome)
+
+    @property
+    def probe(self) -> ProbeSink | None:
+        """The store's health probe (``_health.Probe``), told about every node's listener."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: ProbeSink | None) -> None:
+        self._probe = probe
+        for address, listener in self._nodes.items():
+            listener.probe = None if probe is None else _NodeProbe(self, probe, address)
+
+    def _probe_received(self, address: Address, at: float | None) -> None:
+        if address not in self._nodes:
+            return  # a retired listener's last word
+        self._probe_at[address] = at
+        self._report_probe()
+
+    def _report_probe(self) -> None:
+        probe = self._probe
+        if probe is None:
+            return
+        times = list(self._probe_at.values())
+        if not times or None in times:
+            probe.listener_lost()
+        else:
+            probe.received(min(t for t in times if t is not None))
 
     # --- what the store reads ----------------------------------------------------------
 
@@ -174,6 +230,10 @@ class ShardedListener:
                 on_dropped=self._dropped,
             )
             listener.sink = self._sink
+            if self._probe is not None:
+                listener.probe = _NodeProbe(self, self._probe, address)
+            self._probe_at[address] = None
+            self._report_probe()
             if self._tasks is not None:
                 self._tasks.start_soon(self._run_node, address, listener)
         return listener
@@ -185,9 +245,26 @@ class ShardedListener:
             try:
                 for address, listener in list(self._nodes.items()):
                     tg.start_soon(self._run_node, address, listener)
+                await self._load_map()
+                for address in self._routes.primaries():
+                    self._listener(address)
                 await anyio.sleep_forever()
             finally:
                 self._tasks = None
+
+    async def _load_map(self) -> None:
+        """The slot map, once: retried (50 ms doubling to 2 s, jittered) while no node answers."""
+        failures = 0
+        while True:
+            try:
+                with anyio.fail_after(self.publish_timeout):
+                    await self._routes.ready()
+                return
+            except Exception as exc:
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                logger.log(level, "cannot load the Redis Cluster slot map (%r); retrying", exc)
+                await anyio.sleep(min(2.0, 0.05 * 2 ** min(failures - 1, 6)) * random.uniform(0.5, 1.0))
 
     async def _run_node(self, address: Address, listener: Listener) -> None:
         with anyio.CancelScope() as scope:
@@ -229,9 +306,13 @@ class ShardedListener:
         if self._homeless:
             self._routes.refresh_soon()  # again, until every slot has a primary
         primaries = set(self._routes.primaries())
+        for address in primaries:
+            self._listener(address)  # every primary is listened to (and probed)
         for address, listener in list(self._nodes.items()):
             if not listener.topics and address not in primaries:
                 del self._nodes[address]
+                del self._probe_at[address]
+                self._report_probe()
                 self._retired_reconnects += listener.reconnects
                 self._retired_resets += listener.resets
                 scope = self._scopes.pop(address, None)

@@ -98,7 +98,7 @@ class RedisStore:
     A ``redis.asyncio.RedisCluster`` (Redis 7.0+: live events use sharded
     pub/sub) makes it a cluster store: each topic's commands go to the primary
     of its slot, on ``connections`` pipelined connections per primary, and the
-    live side holds one pub/sub connection per primary with watched topics;
+    live side holds one pub/sub connection per primary;
     the store follows fail-overs and slot migrations (see ``_cluster`` and
     ``_shards``). :meth:`connect` raises ``StoreError`` when the cluster has no
     sharded pub/sub.
