@@ -75,6 +75,7 @@ async def test_topics_spread_over_every_shard_are_stored_and_delivered_in_order(
         assert sink.resets == []
         # one pub/sub connection per primary, never one per topic
         assert pubsub_clients(redis_cluster, name) == {node.port: 1 for node in redis_cluster.primaries()}
+        assert store.commands_in_flight == 0  # every command answered (summed over the nodes)
         # and each topic's keys live on the primary of its slot
         for topic in topics[:6]:
             owner = redis_cluster.owner(topic_slot(topic))

@@ -170,6 +170,11 @@ class Routes:
 
     # --- commands ---------------------------------------------------------------------
 
+    @property
+    def in_flight(self) -> int:
+        """Commands submitted to every node's connections and not answered yet."""
+        return sum(pipes.in_flight for pipes in self._pipes.values())
+
     def pipes(self, address: Address) -> Pipelines:
         """The pipelined connections to one node (opened on first use)."""
         pipes = self._pipes.get(address)

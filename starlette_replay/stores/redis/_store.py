@@ -211,7 +211,10 @@ class RedisStore:
 
     @property
     def commands_in_flight(self) -> int:
-        """Commands sent to Redis (or about to be) and not answered yet (for metrics)."""
+        """Commands sent to Redis (or about to be) and not answered yet (for metrics; on a
+        cluster, over every node)."""
+        if self._routes is not None:
+            return self._routes.in_flight
         return self._pipes.in_flight
 
     def health(self) -> Health:
