@@ -7,9 +7,9 @@ do the same Redis work without the library. Where the script comes from is in
 ``append_call`` follows the script's header comment (``starlette_replay/stores/
 redis/append.lua``) and ``RedisStore._store_batch``: KEYS meta, log,
 idem, idemz of the topic (hash-tagged), ARGV new epoch, history_size, ttl ms,
-channel, number of segments, then per segment: idempotency key ('' none), n,
-type1, raw1, ... Here: one segment of one event, no key, no TTL, the store's
-defaults (prefix ``replay``, history_size 10,000).
+channel, publish command (``PUBLISH``; ``SPUBLISH`` on a cluster), number of
+segments, then per segment: idempotency key ('' none), n, type1, raw1, ...
+Here: one segment of one event, no key, no TTL, the store's defaults (prefix ``replay``, history_size 10,000).
 """
 
 from __future__ import annotations
@@ -39,5 +39,5 @@ def append_keys(topic: str, prefix: str = PREFIX) -> list[str]:
 def append_call(topic: str, event_type: str, raw: str, prefix: str = PREFIX) -> tuple[Any, ...]:
     """``numkeys, *KEYS, *ARGV`` of one append of one event (what follows the SHA in EVALSHA)."""
     channel = f"{prefix}:{{{topic}}}:live"
-    argv = (secrets.token_hex(8), HISTORY_SIZE, 0, channel, 1, "", 1, event_type, raw)
+    argv = (secrets.token_hex(8), HISTORY_SIZE, 0, channel, "PUBLISH", 1, "", 1, event_type, raw)
     return (4, *append_keys(topic, prefix), *argv)

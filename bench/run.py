@@ -8,6 +8,7 @@ Usage (from the repository root, after ``bench/setup.sh`` for the peers)::
     .venv/bin/python -m bench.run publish    # sequential and 50 concurrent publishers (RedisStore)
     .venv/bin/python -m bench.run memory     # RSS per idle subscribed connection (or SSE stream), 2,000 of them
     .venv/bin/python -m bench.run topics     # N clients on N topics, a publisher per topic; N = 100, 1000, 5000
+                                             # (replay-cluster: the same on a local 3+3 Redis Cluster)
     .venv/bin/python -m bench.run publish-topics  # N concurrent publishers on N topics (RedisStore); N = 1, 50, 2000
     .venv/bin/python -m bench.run tokens     # N token streams at 30 tokens/s (RedisStore); N = 100, 250, 500, 1000
     .venv/bin/python -m bench.run all
@@ -27,7 +28,12 @@ timeout. Results go to ``bench/results/<benchmark>.json`` and a table of
 medians with ratios to the baseline is printed. ``topics`` and
 ``publish-topics`` also sample ``INFO clients`` of that redis-server every
 50 ms during each measurement and report the most connections seen (the
-sampler's own left out).
+sampler's own left out). For ``topics`` with the contender ``replay-cluster``
+the runner also starts a local Redis Cluster (3 primaries, 3 replicas, the
+same persistence settings, ``redis-cli --cluster create``) beside the single
+redis-server, in the same run: its connections are summed over the
+primaries, and each row says how the topics' keys spread over the shards
+(``shard_keys``: keys added per primary).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +127,14 @@ CONTENDERS: dict[str, Contender] = {
             lambda url: {"BENCH_BROADCAST_URL": url.replace("redis://", "redis-stream://", 1)},
         ),
         Contender("socketio-redis", "socketio", "socketio_app:app", "socketio", lambda url: {"BENCH_REDIS_URL": url}),
+        # the library on a Redis Cluster (topics only): the url is a node of the runner's cluster
+        Contender(
+            "replay-cluster",
+            None,
+            "replay_app:app",
+            "replay",
+            lambda url: {"BENCH_STORE": "redis", "BENCH_REDIS_URL": url, "BENCH_REDIS_CLUSTER": "1"},
+        ),
     ]
 }
 
@@ -195,6 +209,87 @@ def redis_server(workdir: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         _stop(process)
+
+
+def _start_redis(binary: str, workdir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", ""),
+            *("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *extra),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _answers(port: int, command: bytes, expect: bytes) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(command)
+            data = b""
+            while not data.endswith(b"\r\n") or len(data) < len(expect):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return expect in data
+    except OSError:
+        return False
+
+
+@contextmanager
+def redis_cluster(workdir: Path, primaries: int = 3) -> Iterator[list[str]]:
+    """A local Redis Cluster of our own (``primaries`` primaries, a replica each) on free
+    ports; yields the primaries' URLs (any of them serves as the store's URL)."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise BenchError("redis-server and redis-cli are needed for a cluster")
+    processes: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
+    try:
+        for i in range(2 * primaries):
+            port, bus = free_port(), free_port()
+            directory = workdir / f"cluster-{i}"
+            directory.mkdir()
+            extra = ("--cluster-enabled", "yes", "--cluster-port", str(bus))
+            extra += ("--cluster-config-file", str(directory / "nodes.conf"))
+            processes.append(_start_redis(binary, directory, port, *extra))
+            ports.append(port)
+        deadline = time.monotonic() + 10
+        while not all(_answers(port, b"PING\r\n", b"+PONG") for port in ports):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise BenchError("a cluster node did not start")
+            time.sleep(0.05)
+        create = [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports)]
+        create += ["--cluster-replicas", "1", "--cluster-yes"]
+        subprocess.run(create, check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all(_answers(port, b"CLUSTER INFO\r\n", b"cluster_state:ok") for port in ports):
+            if time.monotonic() > deadline:
+                raise BenchError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+        # redis-cli made the first `primaries` nodes the primaries
+        yield [f"redis://127.0.0.1:{port}/0" for port in ports[:primaries]]
+    finally:
+        for process in processes:
+            _stop(process)
+
+
+def dbsize(url: str) -> int:
+    """Keys in db 0 of the Redis at ``url`` (one node of a cluster: its shard's)."""
+    netloc = url.split("//", 1)[1].split("/", 1)[0]
+    host, _, port = netloc.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"DBSIZE\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                raise BenchError("DBSIZE: the connection closed")
+            data += chunk
+    if not data.startswith(b":"):
+        raise BenchError(f"DBSIZE: unexpected reply {data!r}")
+    return int(data[1:].strip())
 
 
 class RedisClients:
@@ -640,7 +735,12 @@ def bench_memory(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
     return rows
 
 
-TOPICS_CONTENDERS = ["bare", "replay-memory", "replay-redis", "broadcaster-redis", "socketio-redis"]
+TOPICS_CONTENDERS = ["bare", "replay-memory", "replay-redis", "replay-cluster", "broadcaster-redis", "socketio-redis"]
+
+
+def _sum_reports(samplers: list[RedisClients]) -> dict[str, int]:
+    reports = [sampler.report() for sampler in samplers]
+    return {key: sum(report[key] for report in reports) for key in reports[0]}
 
 
 def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, Any]]:
@@ -648,43 +748,18 @@ def bench_topics(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
     sizes = [(3, 20)] if cfg.quick else [(100, 300), (1000, 30), (5000, 5)]
     if cfg.sizes:
         sizes = [size for size in sizes if size[0] in cfg.sizes]
+    contenders = _runnable(cfg, TOPICS_CONTENDERS)
     rows = []
-    for rep in range(cfg.reps):
-        for clients, events in sizes:
-            for contender, scraped in _variants(cfg, _runnable(cfg, TOPICS_CONTENDERS)):
-                name = contender.name + ("+scrape" if scraped else "")
-                try:
-                    with server(contender, redis_url, workdir) as srv:
-                        warm_up(srv, "--distinct")
-                        cpu = srv.cpu_seconds()
-                        with (
-                            RedisClients(redis_url, interval=0.01 if cfg.quick else 0.05) as redis_clients,
-                            _scraping(srv, scraped) as scraper,
-                        ):
-                            r = client(
-                                srv,
-                                *("--clients", str(clients), "--events", str(events), "--topic", topic()),
-                                "--distinct",
-                                timeout=300,
-                            )
-                        # the whole client run (handshakes, subscribes), per event published (and delivered once)
-                        r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / (clients * events)
-                        if scraper is not None:
-                            r["scrapes"] = scraper.scrapes
-                except BenchError as exc:  # reported as a failed run; the others go on
-                    why = _failure(str(exc))
-                    cfg.log(f"  topics rep {rep} N={clients} {name}: FAILED: {why}")
-                    rows.append({"contender": name, "rep": rep, "clients": clients, "error": why})
-                    continue
-                r.update(redis_clients.report())
-                cfg.log(
-                    f"  topics rep {rep} N={clients} {name}: {r['rate']:.0f} ev/s "
-                    f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
-                    f"closes {r['closes']}), server CPU {r['server_cpu_us']:.0f} µs per event, "
-                    f"Redis connections seen {r['redis_connections']} ({r['redis_connections_before']} before, "
-                    f"{r['redis_connections_opened']} opened)"
-                )
-                rows.append({"contender": name, "rep": rep, "clients": clients, **r})
+    with ExitStack() as stack:
+        # the cluster beside the single redis-server, in the same run, when it is wanted
+        shards = (
+            stack.enter_context(redis_cluster(workdir)) if any(c.name == "replay-cluster" for c in contenders) else []
+        )
+        for rep in range(cfg.reps):
+            for clients, events in sizes:
+                for contender, scraped in _variants(cfg, contenders):
+                    urls = shards if contender.name == "replay-cluster" else [redis_url]
+                    rows.append(_topics_run(cfg, contender, scraped, urls, workdir, rep, clients, events))
     return rows
 
 
@@ -742,6 +817,56 @@ def bench_tokens(cfg: Config, redis_url: str, workdir: Path) -> list[dict[str, A
                 )
                 rows.append({"contender": name, "rep": rep, "streams": streams, **r})
     return rows
+
+
+def _topics_run(
+    cfg: Config,
+    contender: Contender,
+    scraped: bool,
+    urls: list[str],
+    workdir: Path,
+    rep: int,
+    clients: int,
+    events: int,
+) -> dict[str, Any]:
+    """One topics measurement on ``urls`` (one Redis, or the primaries of a cluster)."""
+    name = contender.name + ("+scrape" if scraped else "")
+    try:
+        with server(contender, urls[0], workdir) as srv, ExitStack() as samplers:
+            warm_up(srv, "--distinct")
+            cpu = srv.cpu_seconds()
+            keys_before = [dbsize(url) for url in urls] if len(urls) > 1 else []
+            redis_clients = [
+                samplers.enter_context(RedisClients(url, interval=0.01 if cfg.quick else 0.05)) for url in urls
+            ]
+            scraper = samplers.enter_context(_scraping(srv, scraped))
+            r = client(
+                srv,
+                *("--clients", str(clients), "--events", str(events), "--topic", topic()),
+                "--distinct",
+                timeout=300,
+            )
+            samplers.close()
+            if keys_before:
+                r["shard_keys"] = [dbsize(url) - before for url, before in zip(urls, keys_before, strict=True)]
+            # the whole client run (handshakes, subscribes), per event published (and delivered once)
+            r["server_cpu_us"] = (srv.cpu_seconds() - cpu) * 1e6 / (clients * events)
+            if scraper is not None:
+                r["scrapes"] = scraper.scrapes
+    except BenchError as exc:  # reported as a failed run; the others go on
+        why = _failure(str(exc))
+        cfg.log(f"  topics rep {rep} N={clients} {name}: FAILED: {why}")
+        return {"contender": name, "rep": rep, "clients": clients, "error": why}
+    r.update(_sum_reports(redis_clients))
+    shards = f", keys per shard {r['shard_keys']}" if "shard_keys" in r else ""
+    cfg.log(
+        f"  topics rep {rep} N={clients} {name}: {r['rate']:.0f} ev/s "
+        f"(received {r['received']}/{r['expected']}, gaps {r['gaps']}, dups {r['duplicates']}, "
+        f"closes {r['closes']}), server CPU {r['server_cpu_us']:.0f} µs per event, "
+        f"Redis connections seen {r['redis_connections']} ({r['redis_connections_before']} before, "
+        f"{r['redis_connections_opened']} opened){shards}"
+    )
+    return {"contender": name, "rep": rep, "clients": clients, **r}
 
 
 def _failure(message: str) -> str:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 OURS = ["bare", "replay-memory", "replay-redis"]
 SSE = ["replay-memory-sse", "replay-redis-sse"]  # the same servers' SSE route
-PEERS = [name for name in CONTENDERS if name not in OURS + SSE]
+PEERS = [name for name in CONTENDERS if name not in [*OURS, *SSE, "replay-cluster"]]
 
 
 def quick(name: str, contenders: list[str]) -> dict[str, Any]:
@@ -153,6 +153,19 @@ def test_tokens() -> None:
     assert per_token["received"] == per_token["tokens"]
     check_connections(result)
     check_ratios(result, "replay-redis/token")
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed: `make system` installs it")
+def test_topics_on_a_cluster_beside_one_redis() -> None:
+    contenders = ["bare", "replay-redis", "replay-cluster"]
+    result = quick("topics", contenders)
+    assert not [row for row in result["rows"] if "error" in row], result["rows"]
+    check_delivery(result, contenders)
+    check_ratios(result, "bare")
+    (row,) = [row for row in result["rows"] if row["contender"] == "replay-cluster"]
+    # keys per primary (3 topics of 2+ keys each, spread by slot), and the store's connections on them
+    assert len(row["shard_keys"]) == 3 and sum(row["shard_keys"]) >= 6, row
+    assert row["redis_connections"] > 0, row
 
 
 def test_publish_topics() -> None:

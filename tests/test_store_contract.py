@@ -14,17 +14,20 @@ import anyio
 import pytest
 
 from starlette_replay import Cursor, EventStore, MemoryStore, RedisStore
+from tests.redis_cluster import LocalCluster, redis_cluster  # noqa: F401
 from tests.redis_server import RecordingSink, RedisServer, attached, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis), pytest.param("cluster", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         request.getfixturevalue("redis_server")
+    if request.param == "cluster":
+        request.getfixturevalue("redis_cluster")
     return str(request.param)
 
 
@@ -35,6 +38,10 @@ def open_store(backend: str, request: pytest.FixtureRequest) -> Any:
         store: EventStore
         if backend == "memory":
             store = MemoryStore(**options)
+        elif backend == "cluster":  # a 3-primary, 3-replica Redis Cluster
+            cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+            prefix = f"t{secrets.token_hex(4)}"
+            store = RedisStore.from_url(cluster.url, cluster=True, prefix=prefix, publish_timeout=5, **options)
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
             store = RedisStore.from_url(server.url, prefix=f"t{secrets.token_hex(4)}", publish_timeout=5, **options)

@@ -1,6 +1,8 @@
 """Contenders "replay-memory" and "replay-redis": this library, default options.
 
-``BENCH_STORE`` is ``memory`` or ``redis`` (then ``BENCH_REDIS_URL``). Besides
+``BENCH_STORE`` is ``memory`` or ``redis`` (then ``BENCH_REDIS_URL``, and
+``BENCH_REDIS_CLUSTER=1`` when that URL names a node of a Redis Cluster: the
+contender "replay-cluster", run by ``topics`` only). Besides
 the library's own routes (``/ws``; ``/sse`` for the ``-sse`` contenders) and the shared trigger (``POST /publish``),
 this server holds the baselines that need the same Redis data:
 
@@ -60,8 +62,9 @@ from starlette_replay.streams import TokenStream
 
 STORE = os.environ.get("BENCH_STORE", "memory")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
+CLUSTER = os.environ.get("BENCH_REDIS_CLUSTER") == "1"
 
-store = RedisStore.from_url(REDIS_URL) if STORE == "redis" else MemoryStore()
+store = RedisStore.from_url(REDIS_URL, cluster=CLUSTER) if STORE == "redis" else MemoryStore()
 replay = Replay(store, authorize=allow_all, allowed_origins=["*"])
 raw_client: Any = None
 
@@ -70,7 +73,7 @@ raw_client: Any = None
 async def lifespan(app: Starlette) -> Any:
     global raw_client
     async with replay:
-        if REDIS_URL:
+        if REDIS_URL and not CLUSTER:  # the raw baselines run on one Redis only
             import redis.asyncio
 
             raw_client = redis.asyncio.Redis.from_url(REDIS_URL)

@@ -1,6 +1,7 @@
 """The app the multi-process tests run under uvicorn: one Replay on a shared Redis.
 
-Configured by environment: ``REPLAY_REDIS_URL``, ``REPLAY_PREFIX``. Routes:
+Configured by environment: ``REPLAY_REDIS_URL``, ``REPLAY_PREFIX``, ``REPLAY_REDIS_CLUSTER``
+(``1``: the URL names a node of a Redis Cluster). Routes:
 ``/ws`` (the replay route), ``GET /health``, ``POST /publish/{topic}`` with a JSON
 body ``{"event": str, "data": any, "count": int}`` (publishes ``count`` events
 with ``data`` set to ``{"n": i}`` when ``data`` is missing) returning the stored
@@ -25,6 +26,7 @@ def make_app() -> Starlette:
         prefix=os.environ.get("REPLAY_PREFIX", "replay"),
         publish_timeout=5,
         health_check_interval=1,
+        cluster=os.environ.get("REPLAY_REDIS_CLUSTER") == "1",
     )
     replay = Replay(store, authorize=allow_all, heartbeat_interval=5)
 

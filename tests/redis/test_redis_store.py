@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import pytest
 import redis.asyncio
 
 from starlette_replay import Cursor, RedisStore, Replay, StoreUnavailable, allow_all
-from tests.redis_server import RecordingSink, RedisServer, connected
+from tests.redis_server import RecordingSink, RedisServer, attached, connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -131,6 +132,51 @@ async def test_a_given_client_lends_its_settings_and_stays_open(redis_server: Re
             assert await client.ping() is True  # its one pooled connection was free all along
         await store.aclose()
         assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+class _ConnectionOfRedisPy50(redis.asyncio.Connection):
+    """A connection as redis-py 5.0 with hiredis made them: no ``can_read()``, and a
+    ``can_read_destructive()`` that takes a reply already buffered (``Reader.gets()``)
+    and loses it."""
+
+    can_read = None  # type: ignore[assignment]
+
+    async def can_read_destructive(self) -> bool:
+        if await redis.asyncio.Connection.can_read(self):
+            await self.read_response(disable_decoding=True)  # taken from the buffer, and dropped
+            return True
+        return False
+
+
+async def test_live_messages_are_not_lost_to_a_destructive_can_read(redis_server: RedisServer) -> None:
+    # Seen with redis-py 5.0.8 and hiredis 3.5: a burst lost its last messages (the
+    # listener batched buffered replies through can_read_destructive), for good when
+    # the topic fell silent after them. Without can_read() the listener reads one
+    # reply at a time.
+    pool = redis.asyncio.ConnectionPool(
+        host="127.0.0.1", port=redis_server.port, connection_class=_ConnectionOfRedisPy50
+    )
+    client = redis.asyncio.Redis(connection_pool=pool)
+    try:
+        async with attached(RedisStore(client, prefix=f"d{secrets.token_hex(4)}", publish_timeout=3)) as (
+            store,
+            sink,
+        ):
+            topics = [f"burst:{i}" for i in range(30)]
+            for topic in topics:
+                await store.subscribe(topic)
+
+            async def publish(topic: str) -> None:
+                for i in range(5):
+                    await store.append(topic, [("e", str(i)), ("e", str(i))])
+
+            async with anyio.create_task_group() as tg:
+                for topic in topics:
+                    tg.start_soon(publish, topic)
+            await sink.wait_for(lambda: len(sink.events) == 300)
+            assert all([e.offset for e in sink.of(topic)] == list(range(1, 11)) for topic in topics)
     finally:
         await client.aclose()
 

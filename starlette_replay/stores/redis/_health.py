@@ -82,9 +82,10 @@ class Probe:
             self._sending = False
         self._tick()
 
-    def received(self) -> None:
-        """The listener received a probe (called from its read loop: no await)."""
-        self.received_at = time.monotonic()
+    def received(self, at: float | None = None) -> None:
+        """The listener received a probe (called from its read loop: no await); ``at``
+        (monotonic), when not now: on a cluster, the oldest of its primaries' last probes."""
+        self.received_at = time.monotonic() if at is None else at
         self._tick()
 
     def listener_lost(self) -> None:

@@ -1,5 +1,12 @@
 """The live side of RedisStore: one pub/sub connection per store, for every topic it watches.
 
+On a Redis Cluster there is one such listener per primary, each speaking
+sharded pub/sub (``SSUBSCRIBE``; see ``_shards``), with two hooks for the
+topology: ``on_lost`` when its connection fails, ``on_dropped`` when the
+server unsubscribed a topic by itself (its slot moved away); and
+:meth:`Listener.release` / :meth:`Listener.adopt` hand a topic, with where
+it stands, to the listener of another node.
+
 The listener tracks the last offset delivered per topic, repairs any hole from
 the stream, and after a reconnect repairs every topic from where it stood;
 when it cannot (epoch changed, history trimmed, head moved back) it calls
@@ -23,7 +30,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -36,15 +43,28 @@ from ._codec import packer, parse_entries, parse_payload, redis_errors, text
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-    from ._health import Probe
-
-__all__ = ["Listener"]
+__all__ = ["Listener", "ProbeSink"]
 
 logger = logging.getLogger("starlette_replay.stores.redis.listener")
 
 _CHANNELS_PER_COMMAND = 1000
 _READ_BATCH = 1000  # replies read from the buffer before handling them
 _REPAIR_PAGE = 500
+
+# sharded pub/sub's replies, as the classic ones they mirror
+_SHARDED_KINDS = {b"smessage": b"message", b"ssubscribe": b"subscribe", b"sunsubscribe": b"unsubscribe"}
+
+
+class ProbeSink(Protocol):
+    """What the listener tells the store's health probe (``_health.Probe``)."""
+
+    channel: str
+    raw_channel: bytes
+
+    def received(self, at: float | None = None) -> None: ...
+
+    def listener_lost(self) -> None: ...
+
 
 #: reads a topic's position and up to ``limit`` entries after ``after`` (None: no such topic)
 ReadState = Callable[[str, int, int], Awaitable[tuple[Position | None, Any]]]
@@ -78,12 +98,20 @@ class Listener:
         channel: Callable[[str], str],
         publish_timeout: float,
         health_check_interval: float,
+        slot: Callable[[str], int] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        on_dropped: Callable[[str, _Topic], None] | None = None,
     ) -> None:
         self._new_connection = new_connection
         self._read_state = read_state
         self._channel = channel
         self.publish_timeout = publish_timeout
         self.health_check_interval = health_check_interval
+        # With ``slot``: sharded pub/sub (SSUBSCRIBE ...), each command naming one slot's channels.
+        self._slot = slot
+        self._sharded = slot is not None
+        self._on_lost = on_lost
+        self._on_dropped = on_dropped
         self.sink: LiveSink | None = None
         self.topics: dict[str, _Topic] = {}
         self._by_channel: dict[bytes, str] = {}  # as Redis sends it -> topic
@@ -96,7 +124,11 @@ class Listener:
         #: times the listener (re)connected, and resets it had to call; for tests and metrics
         self.reconnects = 0
         self.resets = 0
-        self.probe: Probe | None = None  # the store's self-check: its channel is subscribed on every connection
+        # The store's self-check: its channel is subscribed on every connection (on a cluster
+        # with classic SUBSCRIBE: the probe's PUBLISH reaches every node). Anything with the
+        # ProbeSink: the store's _health.Probe, or on a cluster a stand-in for each node's
+        # listener (_shards).
+        self.probe: ProbeSink | None = None
 
     # --- subscriptions --------------------------------------------------------------
 
@@ -123,12 +155,29 @@ class Listener:
 
     def unsubscribe(self, topic: str) -> None:
         """Stop watching ``topic``. Never fails; what is still on its way for it is dropped."""
+        self.release(topic)
+
+    def release(self, topic: str) -> _Topic | None:
+        """Stop watching ``topic`` here; returns where it stood (for :meth:`adopt` on another
+        listener), or None when it was not watched here."""
         state = self.topics.pop(topic, None)
         if state is None:
-            return
+            return None
         self._by_channel.pop(state.channel.encode(), None)
         if self._conn is not None:
             self._queue("UNSUBSCRIBE", state.channel)
+        return state
+
+    def adopt(self, topic: str, old: _Topic) -> None:
+        """Watch ``topic`` from where ``old`` (released by another listener) stood: once this
+        connection confirms it, what was published since ``old.last`` is repaired from the
+        stream, as after a reconnect. A ``subscribe()`` still waiting for ``old`` returns then."""
+        state = self.topics[topic] = _Topic(self._channel(topic))
+        state.based, state.epoch, state.last, state.last_time = old.based, old.epoch, old.last, old.last_time
+        state.ready = old.ready
+        self._by_channel[state.channel.encode()] = topic
+        if self._conn is not None:
+            self._queue("SUBSCRIBE", state.channel)
 
     def clear(self) -> None:
         """Forget every topic (the store left its ``connect()``)."""
@@ -158,7 +207,9 @@ class Listener:
                 # a task group wraps the reader's error: log the error itself
                 while len(getattr(exc, "exceptions", ())) == 1:
                     exc = exc.exceptions[0]  # type: ignore[attr-defined]
-                if isinstance(exc, redis_error | StoreError | OSError):  # OSError: TimeoutError too
+                if self._sharded and "unknown command" in str(exc).lower():
+                    logger.error("%s: Redis Cluster live events need Redis 7.0+ (sharded pub/sub)", exc)
+                elif isinstance(exc, redis_error | StoreError | OSError):  # OSError: TimeoutError too
                     level = logging.WARNING if failures <= 1 else logging.DEBUG
                     logger.log(level, "Redis pub/sub connection lost (%r); reconnecting", exc)
                 else:  # a bug: say so loudly, and keep serving
@@ -171,6 +222,8 @@ class Listener:
                         await conn.disconnect(nowait=True)
                 if self.probe is not None:
                     self.probe.listener_lost()
+            if self._on_lost is not None:
+                self._on_lost()  # on a cluster: the node may be gone, or hold other slots now
             # 50 ms doubling up to 2 s, from the start again once a connection was
             # made (Redis is up: come back quickly).
             failures = 1 if self.reconnects != connected else failures + 1
@@ -201,13 +254,17 @@ class Listener:
             self._tasks = tg
             tg.start_soon(self._write, conn)
             tg.start_soon(self._watch)
-            can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
+            # redis-py 8's can_read() looks at the buffer without taking from it. Older
+            # ones have only can_read_destructive(), whose hiredis parser drops a reply
+            # already buffered (redis-py 5.0 with hiredis lost live messages so): there,
+            # read one reply at a time.
+            can_read = getattr(conn, "can_read", None)
             while True:
                 # The read blocks without a timer of its own: _watch bounds it.
                 self._reading_since = time.monotonic()
                 replies = [await conn.read_response(disable_decoding=True)]
                 self._reading_since = None
-                while len(replies) < _READ_BATCH and await can_read():  # already buffered: no wait
+                while can_read is not None and len(replies) < _READ_BATCH and await can_read():  # buffered
                     replies.append(await conn.read_response(disable_decoding=True))
                 # Delivering may send to every local subscriber from this task (inline
                 # sends): let the tasks that are ready run first, so that a publisher's
@@ -217,9 +274,11 @@ class Listener:
                     self._handle(reply)
 
     async def _write(self, conn: AbstractConnection) -> None:
-        """Send what was queued, one write per loop turn, same-verb commands merged."""
+        """Send what was queued, one write per loop turn, same-verb commands merged
+        (sharded: merged per slot, as one SSUBSCRIBE may name only one slot's channels)."""
         loop = asyncio.get_running_loop()
         pack = packer()
+        prefix = "S" if self._sharded else ""
         while True:
             if not self._outbox:
                 self._wakeup = loop.create_future()
@@ -229,8 +288,9 @@ class Listener:
             parts: list[bytes] = []
             verb, channels = "", list[str]()
             for next_verb, channel in [*commands, ("", "")]:
-                if channels and (next_verb != verb or len(channels) >= _CHANNELS_PER_COMMAND):
-                    parts.append(pack((verb, *channels)))
+                if channels and next_verb != verb:
+                    for sharded, group in self._groups(channels):
+                        parts.append(pack(((prefix if sharded else "") + verb, *group)))
                     channels = []
                 if next_verb == "PING":
                     parts.append(pack(("PING",)))
@@ -238,6 +298,23 @@ class Listener:
                     verb = next_verb
                     channels.append(channel)
             await conn.send_packed_command(b"".join(parts), check_health=False)
+
+    def _groups(self, channels: list[str]) -> list[tuple[bool, list[str]]]:
+        """``channels`` (of one verb) cut into commands, each with whether it is sharded: at
+        most ``_CHANNELS_PER_COMMAND`` each, and of one slot each when sharded (a channel's
+        own commands keep their order); the probe's channel is classic pub/sub."""
+        by_slot: dict[int, list[str]] = {}
+        if self._slot is None:
+            by_slot[0] = channels
+        else:
+            probe = self.probe.channel if self.probe is not None else None
+            for channel in channels:
+                by_slot.setdefault(-1 if channel == probe else self._slot(channel), []).append(channel)
+        return [
+            (self._sharded and slot >= 0, group[i : i + _CHANNELS_PER_COMMAND])
+            for slot, group in by_slot.items()
+            for i in range(0, len(group), _CHANNELS_PER_COMMAND)
+        ]
 
     async def _watch(self) -> None:
         """PING every ``health_check_interval``; a read waiting longer than two of them
@@ -257,6 +334,8 @@ class Listener:
         if not isinstance(reply, list) or len(reply) < 3:
             return  # PONG outside subscribed mode
         kind = reply[0]
+        if self._sharded:
+            kind = _SHARDED_KINDS.get(kind, kind)
         if kind == b"message":
             topic = self._by_channel.get(reply[1])
             if topic is None:
@@ -283,12 +362,19 @@ class Listener:
         elif kind in (b"subscribe", b"unsubscribe"):
             channel = reply[1]
             due = self._expect.get(channel)
+            topic = self._by_channel.get(channel)
             if due:
                 due.popleft()
                 if due:
                     return  # a later (un)subscribe is still on its way
                 del self._expect[channel]
-            topic = self._by_channel.get(channel)
+            elif kind == b"unsubscribe":
+                if topic is not None and self._on_dropped is not None:
+                    # Not asked for: the server dropped it (its slot moved to another node)
+                    state = self.topics.pop(topic)
+                    del self._by_channel[channel]
+                    self._on_dropped(topic, state)
+                return
             if kind == b"subscribe" and topic is not None:
                 state = self.topics[topic]
                 state.confirm = True

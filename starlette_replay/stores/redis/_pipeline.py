@@ -58,13 +58,15 @@ class ReplyLost(ConnectionError):
 
 
 class _Call:
-    __slots__ = ("deadline", "future", "packed", "sent_at")
+    __slots__ = ("deadline", "future", "packed", "sent_at", "skip")
 
-    def __init__(self, future: asyncio.Future[Any], packed: bytes, deadline: float) -> None:
+    def __init__(self, future: asyncio.Future[Any], packed: bytes, deadline: float, skip: int = 0) -> None:
         self.future = future
         self.packed = packed
         self.deadline = deadline  # the loop's clock
         self.sent_at: float | None = None  # the loop's clock when it was written
+        # replies to read and drop before the one that is the call's (ASKING's +OK)
+        self.skip = skip
 
 
 def _settle(calls: Any, error: BaseException) -> None:
@@ -118,11 +120,12 @@ class Pipe:
         """Closed, and its connection closed too."""
         return self._task.done()
 
-    def submit(self, packed: bytes, deadline: float) -> _Call:
-        """Queue one packed command; it is written at the end of this loop turn, with the others."""
+    def submit(self, packed: bytes, deadline: float, replies: int = 1) -> _Call:
+        """Queue packed commands that get ``replies`` replies, the last one the call's
+        (``ASKING`` and a command: two); written at the end of this loop turn, with the others."""
         if self.closed:
             raise NotSent(f"{self.name} is closed")
-        call = _Call(self._loop.create_future(), packed, deadline)
+        call = _Call(self._loop.create_future(), packed, deadline, replies - 1)
         wakeup = self._wakeup
         stream = self._stream
         if (
@@ -214,6 +217,9 @@ class Pipe:
                 self.last_reply = loop.time()
                 if not in_flight:
                     raise redis_errors().InvalidResponse(f"{self.name}: a reply that no command asked for")
+                if in_flight[0].skip:  # a reply before the call's own (ASKING's); an error shows in the next
+                    in_flight[0].skip -= 1
+                    continue
                 future = in_flight.popleft().future
                 if not future.done():  # done: its caller gave up; the reply is dropped
                     if error is None:
@@ -334,8 +340,11 @@ class Pipelines:
         self._slots[free] = pipe
         return pipe
 
-    def call(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
+    def call(self, packed: bytes, deadline: float, replies: int = 1) -> asyncio.Future[Any]:
         """Send one packed command; the future is its reply (raw, undecoded).
+
+        ``replies`` > 1: ``packed`` holds several commands (``ASKING`` and the
+        command), and the future is the last one's reply.
 
         The future raises what Redis answered (a ``ResponseError``),
         :class:`NotSent`, :class:`ReplyLost`, or ``TimeoutError`` once
@@ -350,7 +359,7 @@ class Pipelines:
         """
         if self.closed:
             raise NotSent("the store is closed")
-        call = self._pick().submit(packed, deadline)
+        call = self._pick().submit(packed, deadline, replies)
         if self._sweeper is None:
             loop = call.future.get_loop()
             self._sweeper = loop.call_at(loop.time() + self._sweep_every, self._sweep, loop)

@@ -3,7 +3,8 @@
 Its parts live beside it: ``_pipeline`` (pipelined commands on a few
 connections), ``_appends`` (concurrent appends to one topic coalesced),
 ``_listener`` (the pub/sub side), ``_scripts`` with the ``.lua`` files, and
-``_codec`` (packing and parsing).
+``_codec`` (packing and parsing); on a Redis Cluster, ``_cluster`` (routing
+by slot, following the topology) and ``_shards`` (a listener per primary).
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from ...events import Event
 from ..base import Cursor, Health, LiveSink, Position
 from . import _scripts
 from ._appends import Append, Coalescer
+from ._cluster import Address, Routes
 from ._codec import config_value, packer, parse_entries, redis_errors, text, to_int
 from ._health import Probe
 from ._listener import Listener
 from ._pipeline import NotSent, Pipelines, ReplyLost
+from ._shards import ShardedListener
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from redis.asyncio import Redis, RedisCluster
     from redis.asyncio.connection import AbstractConnection
 
 __all__ = ["RedisStore"]
@@ -51,6 +54,14 @@ def _new_epoch() -> str:
     """16 hex digits from the OS's CSPRNG (as ``secrets.token_hex(8)``, minus its
     three Python layers: one is made for every append)."""
     return os.urandom(8).hex()
+
+
+def _is_cluster(client: object) -> bool:
+    try:
+        from redis.asyncio.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis-py without asyncio cluster support
+        return False
+    return isinstance(client, RedisCluster)
 
 
 def _retry_pause(attempt: int) -> float:
@@ -76,18 +87,26 @@ class RedisStore:
     ``connections + 1`` connections to Redis, whatever the number of topics,
     publishers and subscribers.
 
-    Raises ``ValueError`` for a bad option, ``TypeError`` for a client without a
-    connection pool (``RedisCluster`` is not supported yet), ``ImportError``
-    without redis-py.
+    Raises ``ValueError`` for a bad option, ``TypeError`` for a client that is
+    neither a ``Redis`` (with a connection pool) nor a ``RedisCluster``,
+    ``ImportError`` without redis-py.
     ``RedisStore(client)`` takes an existing ``redis.asyncio.Redis`` for its
     settings (address, credentials, TLS, database, protocol), opens connections
     of its own with them (none from the client's pool), and :meth:`aclose`
     leaves the client open; :meth:`from_url` makes and owns one.
+
+    A ``redis.asyncio.RedisCluster`` (Redis 7.0+: live events use sharded
+    pub/sub) makes it a cluster store: each topic's commands go to the primary
+    of its slot, on ``connections`` pipelined connections per primary, and the
+    live side holds one pub/sub connection per primary;
+    the store follows fail-overs and slot migrations (see ``_cluster`` and
+    ``_shards``). :meth:`connect` raises ``StoreError`` when the cluster has no
+    sharded pub/sub.
     """
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         history_size: int = 10_000,
         history_ttl: float | None = None,
@@ -101,8 +120,11 @@ class RedisStore:
             import redis.asyncio  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(_MISSING_REDIS) from exc
-        if not hasattr(client, "connection_pool"):
-            raise TypeError(f"RedisStore needs a redis.asyncio.Redis client (not {type(client).__name__})")
+        cluster = _is_cluster(client)
+        if not cluster and not hasattr(client, "connection_pool"):
+            raise TypeError(
+                f"RedisStore needs a redis.asyncio.Redis or RedisCluster client (not {type(client).__name__})"
+            )
         check_int("history_size", history_size)
         check_int("connections", connections)
         check_seconds("history_ttl", history_ttl, optional=True)
@@ -127,21 +149,43 @@ class RedisStore:
         self._cursor_ttl_ms = str(max(1, math.ceil(cursor_ttl * 1000)))
         self._connected = False
         self._closed = False
+        self._appends = Coalescer(self._store_batch, self.publish_timeout)
         self._pipes = Pipelines(
             self._new_connection,
             size=connections,
             connect_timeout=self.publish_timeout,
             stall_after=self.publish_timeout,
         )
-        self._appends = Coalescer(self._store_batch, self.publish_timeout)
-        self._listener = Listener(
-            # RESP2: plain arrays for pub/sub (redis-py 8's RESP3 push path is another beast)
-            new_connection=lambda: self._new_connection(protocol=2),
-            read_state=self._read_state,
-            channel=self._channel,
-            publish_timeout=self.publish_timeout,
-            health_check_interval=self.health_check_interval,
-        )
+        self._routes: Routes | None = None  # on a cluster: a Pipelines per primary instead
+        self._listener: Listener | ShardedListener
+        if cluster:
+            self._publish_command = "SPUBLISH"
+            self._routes = Routes(
+                client,  # type: ignore[arg-type]
+                self._new_connection,
+                size=connections,
+                connect_timeout=self.publish_timeout,
+                stall_after=self.publish_timeout,
+            )
+            self._listener = ShardedListener(
+                self._routes,
+                # RESP2: plain arrays for pub/sub (redis-py 8's RESP3 push path is another beast)
+                new_connection=lambda address: self._new_connection(address, protocol=2),
+                read_state=self._read_state,
+                channel=self._channel,
+                publish_timeout=self.publish_timeout,
+                health_check_interval=self.health_check_interval,
+            )
+        else:
+            self._publish_command = "PUBLISH"
+            self._listener = Listener(
+                # RESP2: plain arrays for pub/sub (redis-py 8's RESP3 push path is another beast)
+                new_connection=lambda: self._new_connection(protocol=2),
+                read_state=self._read_state,
+                channel=self._channel,
+                publish_timeout=self.publish_timeout,
+                health_check_interval=self.health_check_interval,
+            )
         self._probe = Probe(
             prefix=prefix,
             publish=lambda channel, message: self._execute("PUBLISH", channel, message),
@@ -149,6 +193,11 @@ class RedisStore:
             stall_after=self.health_check_interval,
         )
         self._listener.probe = self._probe
+
+    @property
+    def cluster(self) -> bool:
+        """True on a Redis Cluster."""
+        return self._routes is not None
 
     @property
     def reconnects(self) -> int:
@@ -162,7 +211,10 @@ class RedisStore:
 
     @property
     def commands_in_flight(self) -> int:
-        """Commands sent to Redis (or about to be) and not answered yet (for metrics)."""
+        """Commands sent to Redis (or about to be) and not answered yet (for metrics; on a
+        cluster, over every node)."""
+        if self._routes is not None:
+            return self._routes.in_flight
         return self._pipes.in_flight
 
     def health(self) -> Health:
@@ -186,15 +238,18 @@ class RedisStore:
         cursor_ttl: float = 30 * 24 * 3600,
         health_check_interval: float = 5.0,
         connections: int = 4,
+        cluster: bool = False,
         **redis_options: Any,
     ) -> RedisStore:
         """A store on a new client for ``url`` (``redis://[[user]:password@]host[:port][/db]``,
         ``rediss://...`` for TLS, ``unix:///path.sock?db=0``), closed by :meth:`aclose`.
 
-        ``redis_options`` go to ``redis.asyncio.Redis.from_url``. The client's own
-        retries are turned off: the store retries what is safe to retry, within
-        ``publish_timeout``. Raises ``ImportError`` without redis-py, ``ValueError``
-        for a bad option. Connects lazily (nothing is awaited here).
+        ``cluster=True``: a Redis Cluster, ``url`` naming any of its nodes
+        (``redis.asyncio.RedisCluster.from_url``; db 0 only). ``redis_options``
+        go to the client's ``from_url``. The client's own retries are turned off:
+        the store retries what is safe to retry, within ``publish_timeout``.
+        Raises ``ImportError`` without redis-py, ``ValueError`` for a bad option.
+        Connects lazily (nothing is awaited here).
         """
         try:
             import redis.asyncio
@@ -208,7 +263,13 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 0),
         }
         options.update(redis_options)
-        client = redis.asyncio.Redis.from_url(url, **options)
+        client: Redis | RedisCluster
+        if cluster:
+            # Its own command path is unused (the store routes and retries); its
+            # connections only load the slot map, within socket_connect_timeout.
+            client = redis.asyncio.RedisCluster.from_url(url, **options)
+        else:
+            client = redis.asyncio.Redis.from_url(url, **options)
         store = cls(
             client,
             history_size=history_size,
@@ -224,7 +285,8 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return (
-            f"RedisStore(prefix={self.prefix!r}, history_size={self.history_size}, "
+            f"RedisStore({'cluster, ' if self.cluster else ''}prefix={self.prefix!r}, "
+            f"history_size={self.history_size}, "
             f"history_ttl={self.history_ttl}, publish_timeout={self.publish_timeout}, "
             f"connections={self.connections})"
         )
@@ -243,21 +305,34 @@ class RedisStore:
 
     # --- commands --------------------------------------------------------------------
 
-    def _new_connection(self, **overrides: Any) -> AbstractConnection:
+    def _new_connection(self, address: Address | None = None, **overrides: Any) -> AbstractConnection:
         """A connection of the store's own, with the client's settings but no socket
-        timeout (``publish_timeout`` and the listener's watchdog bound every wait)."""
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
+        timeout (``publish_timeout`` and the listener's watchdog bound every wait);
+        on a cluster, to the node at ``address``."""
+        if address is None:
+            pool = self._client.connection_pool  # type: ignore[union-attr]
+            kwargs = dict(pool.connection_kwargs)
+            connection_class = pool.connection_class
+        else:
+            # Any node's settings: a node that a MOVED named may be new to the client.
+            cluster: RedisCluster = self._client  # type: ignore[assignment]
+            node = cluster.get_node(host=address[0], port=address[1]) or cluster.get_default_node()
+            kwargs = dict(node.connection_kwargs)
+            kwargs.update(host=address[0], port=address[1])
+            connection_class = node.connection_class
         kwargs.update(socket_timeout=None, health_check_interval=0, **overrides)
         if "maint_notifications_config" in kwargs:  # redis-py 8: cluster maintenance pushes, RESP3 only
             kwargs["maint_notifications_config"] = None
         kwargs.pop("maint_notifications_pool_handler", None)
-        conn: AbstractConnection = pool.connection_class(**kwargs)
+        kwargs.pop("oss_cluster_maint_notifications_handler", None)
+        conn: AbstractConnection = connection_class(**kwargs)
         return conn
 
     async def _execute(
         self,
         *args: Any,
+        key: str | None = None,
+        node: Address | None = None,
         script: _scripts.Script | None = None,
         retry: bool = True,
         deadline_at: float | None = None,
@@ -266,27 +341,38 @@ class RedisStore:
 
         With ``script``, ``args`` are its ``numkeys, *keys, *argv``: it is sent
         by SHA (``EVALSHA``), and by its body once when Redis does not know it.
+        ``key`` routes it on a cluster (the primary of its slot; None: any), or
+        ``node`` names the cluster node it goes to.
         Sends the command again when it cannot have reached Redis
-        (:class:`NotSent`), and also after its reply was lost when ``retry``
-        says it is safe to run twice. ``deadline_at`` (the event loop's clock)
-        replaces ``publish_timeout`` from now. Raises ``StoreUnavailable`` (no
-        answer in time, a lost reply that is not retried) or ``StoreError``
-        (Redis refused it). Cancelling is safe (see ``Pipelines.call``).
+        (:class:`NotSent`) or did not run there (a cluster's ``MOVED``, ``ASK``,
+        ``TRYAGAIN``, ``CLUSTERDOWN``), and also after its reply was lost when
+        ``retry`` says it is safe to run twice. ``deadline_at`` (the event loop's
+        clock) replaces ``publish_timeout`` from now. Raises
+        ``StoreUnavailable`` (no answer in time, a lost reply that is not
+        retried) or ``StoreError`` (Redis refused it). Cancelling is safe (see
+        ``Pipelines.call``).
         """
         errors = redis_errors()
         pack = packer()
         command = ("EVALSHA", script.sha, *args) if script is not None else args
         packed = pack(command)
         end = _now() + self.publish_timeout if deadline_at is None else deadline_at
+        routes = self._routes
+        ask: Address | None = None
         attempt = 0
         last_error: BaseException | None = None
         try:
             while True:
                 attempt += 1
                 try:
-                    return await self._pipes.call(packed, end)
+                    if routes is None:
+                        return await self._pipes.call(packed, end)
+                    target, ask = ask, None
+                    return await routes.call(packed, end, key, target, node=node)
                 except ReplyLost as exc:
                     last_error = exc
+                    if routes is not None:
+                        routes.refresh_soon()
                     if not retry:
                         raise StoreUnavailable(
                             f"lost Redis while waiting for a reply (the write may or may not be stored): {exc}"
@@ -295,6 +381,8 @@ class RedisStore:
                     last_error = exc
                     if self._closed:
                         raise StoreUnavailable(f"not sent: this RedisStore is closed ({exc})") from exc
+                    if routes is not None:
+                        routes.refresh_soon()  # the node may be gone: find who holds its slots now
                 except errors.NoScriptError:
                     if script is None or command[0] == "EVAL":
                         raise
@@ -302,6 +390,23 @@ class RedisStore:
                     command = ("EVAL", script.body, *args)
                     packed = pack(command)
                     continue
+                except errors.AskError as exc:  # MOVED too (a subclass): the command did not run
+                    if routes is None:
+                        raise
+                    last_error = exc
+                    if isinstance(exc, errors.MovedError):
+                        routes.moved(exc.slot_id, exc.host, exc.port)
+                    else:
+                        ask = (exc.host, int(exc.port))
+                    if attempt <= 3:
+                        continue  # at once; later on (nodes that disagree) after a pause
+                except (errors.TryAgainError, errors.ClusterDownError) as exc:
+                    if routes is None:
+                        raise
+                    # not run: a migration in progress, or a shard without a primary for now
+                    last_error = exc
+                    if isinstance(exc, errors.ClusterDownError):
+                        routes.refresh_soon()
                 pause = _retry_pause(attempt)
                 if _now() + pause >= end:
                     raise TimeoutError
@@ -324,7 +429,9 @@ class RedisStore:
         retry: bool = True,
         deadline_at: float | None = None,
     ) -> Any:
-        return await self._execute(len(keys), *keys, *args, script=script, retry=retry, deadline_at=deadline_at)
+        return await self._execute(
+            len(keys), *keys, *args, key=keys[0], script=script, retry=retry, deadline_at=deadline_at
+        )
 
     # --- the log ---------------------------------------------------------------------
 
@@ -364,7 +471,8 @@ class RedisStore:
             raise StoreUnavailable(
                 f"not stored: waited publish_timeout={self.publish_timeout}s behind other appends to {topic!r}"
             )
-        args: list[Any] = [_new_epoch(), self.history_size, self._ttl_ms, self._channel(topic), len(batch)]
+        channel = self._channel(topic)
+        args: list[Any] = [_new_epoch(), self.history_size, self._ttl_ms, channel, self._publish_command, len(batch)]
         for request in batch:
             args.append(request.key or "")
             args.append(len(request.items))
@@ -375,7 +483,9 @@ class RedisStore:
         # a batch whose appends all have idempotency keys is retried.
         retry = all(request.key is not None for request in batch)
         keys = self._keys(topic)
-        reply = await self._execute(4, *keys, *args, script=_scripts.APPEND, retry=retry, deadline_at=deadline_at)
+        reply = await self._execute(
+            4, *keys, *args, key=keys[0], script=_scripts.APPEND, retry=retry, deadline_at=deadline_at
+        )
         epoch, ms = text(reply[0]), to_int(reply[1])
         for request, result in zip(batch, reply[2:], strict=True):
             if isinstance(result, list):
@@ -424,7 +534,8 @@ class RedisStore:
 
     async def load_cursor(self, identity: str, topic: str) -> Cursor | None:
         """The cursor saved for ``identity`` on ``topic``, or ``None``. Safe to cancel."""
-        reply = await self._execute("HMGET", self._cursor_key(identity, topic), "e", "o", "t")
+        key = self._cursor_key(identity, topic)
+        reply = await self._execute("HMGET", key, "e", "o", "t", key=key)
         if reply[0] is None or reply[1] is None:
             return None
         return Cursor(text(reply[0]), to_int(reply[1]), None if reply[2] is None else to_int(reply[2]))
@@ -458,7 +569,7 @@ class RedisStore:
         self._connected = True
         self._listener.sink = sink
         try:
-            await self._check_durability()
+            await self._check_server()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listener.run)
                 tg.start_soon(self._probe.run)
@@ -473,7 +584,13 @@ class RedisStore:
             self._listener.sink = None
             self._listener.clear()
             with anyio.CancelScope(shield=True):
-                await self._pipes.aclose()
+                await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        if self._routes is not None:
+            self._routes.closed = self._closed
+            await self._routes.aclose()
+        await self._pipes.aclose()
 
     async def aclose(self) -> None:
         """Close the store's connections, and the client if this store made it
@@ -483,35 +600,59 @@ class RedisStore:
         self._closed = True
         self._pipes.closed = True
         with anyio.CancelScope(shield=True):
-            await self._pipes.aclose()
+            await self._close_connections()
             if self._owns_client:
                 await self._client.aclose()
 
-    async def _check_durability(self) -> None:
+    async def _check_server(self) -> None:
+        """Warn about settings that can lose events (on every primary of a cluster); on a
+        cluster, raise ``StoreError`` without sharded pub/sub (Redis < 7.0). Unreachable:
+        warn, check nothing."""
+        nodes: list[Address | None] = [None]
+        if self._routes is not None:
+            try:
+                reply = await self._execute("COMMAND", "INFO", "SPUBLISH")
+            except StoreUnavailable as exc:
+                logger.warning("Redis unreachable at startup (%s); live events start once it is back", exc)
+                return
+            if not reply or reply[0] is None:
+                raise StoreError(
+                    "RedisStore on a Redis Cluster needs Redis 7.0 or later: live events use sharded "
+                    "pub/sub (SPUBLISH, SSUBSCRIBE), which this cluster does not have"
+                )
+            nodes = list(self._routes.primaries())
+        for node in nodes:
+            await self._check_durability(node)
+
+    async def _check_durability(self, node: Address | None) -> None:
+        where = "" if node is None else f" on {node[0]}:{node[1]}"
         try:
-            appendonly = config_value(await self._execute("CONFIG", "GET", "appendonly"))
-            policy = config_value(await self._execute("CONFIG", "GET", "maxmemory-policy"))
+            appendonly = config_value(await self._execute("CONFIG", "GET", "appendonly", node=node))
+            policy = config_value(await self._execute("CONFIG", "GET", "maxmemory-policy", node=node))
         except StoreUnavailable as exc:
             logger.warning("Redis unreachable at startup (%s); live events start once it is back", exc)
             return
         except StoreError as exc:
             logger.warning(
-                "cannot read Redis's persistence settings (%s); make sure the server runs with "
+                "cannot read Redis's persistence settings%s (%s); make sure the server runs with "
                 "appendonly yes and maxmemory-policy noeviction, or events can be lost",
+                where,
                 exc,
             )
             return
         if appendonly != "yes":
             logger.warning(
-                "Redis runs with appendonly=%s: acknowledged events are lost if Redis restarts "
+                "Redis runs with appendonly=%s%s: acknowledged events are lost if Redis restarts "
                 "(clients then get a new epoch); set appendonly yes for zero loss",
                 appendonly or "?",
+                where,
             )
         if policy != "noeviction":
             logger.warning(
-                "Redis maxmemory-policy is %s: under memory pressure Redis may evict topic history "
+                "Redis maxmemory-policy is %s%s: under memory pressure Redis may evict topic history "
                 "(clients then get a new epoch); set maxmemory-policy noeviction for zero loss",
                 policy or "?",
+                where,
             )
 
     # --- live side -------------------------------------------------------------------

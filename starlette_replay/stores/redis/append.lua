@@ -1,6 +1,7 @@
 -- One or several appends to one topic in one step (concurrent publishes coalesced),
 -- each with its own idempotency key. KEYS: meta, log, idem, idemz.
--- ARGV: new epoch, history_size, ttl ms, channel, nseg, then per segment: key ('' none), n, type1, raw1, ...
+-- ARGV: new epoch, history_size, ttl ms, channel, publish command ('PUBLISH', or 'SPUBLISH' on a
+-- cluster: the channel shares the topic's slot), nseg, then per segment: key ('' none), n, type1, raw1, ...
 -- Returns {epoch, ms, r1, r2, ...}: r is the segment's first offset, or {entries} for a known key.
 local meta, log, idem, idemz = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -16,8 +17,8 @@ local head = start
 local out = {epoch, ms}
 local parts = {}
 local keyed = false
-local pos = 6
-for s = 1, tonumber(ARGV[5]) do
+local pos = 7
+for s = 1, tonumber(ARGV[6]) do
   local key, n = ARGV[pos], tonumber(ARGV[pos + 1])
   local seen = false
   if key ~= '' then
@@ -65,5 +66,5 @@ if ARGV[3] ~= '0' then
   redis.call('PEXPIRE', idemz, ARGV[3])
 end
 local header = epoch .. '|' .. (start + 1) .. '|' .. ms .. '|' .. (head - start) .. '|'
-redis.call('PUBLISH', ARGV[4], header .. table.concat(parts))
+redis.call(ARGV[5], ARGV[4], header .. table.concat(parts))
 return out
