@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -217,7 +218,8 @@ def create_app(
             }
         )
 
-    async def post_message(request: Request) -> Response:
+    async def user_and_body(request: Request) -> tuple[str, dict[str, Any]] | JSONResponse:
+        """The caller's uid and its JSON object body, or the refusal to answer with."""
         uid = user_id(request)
         if uid is None:
             return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
@@ -225,8 +227,15 @@ def create_app(
             body = await request.json()
         except ValueError:
             return JSONResponse({"error": "body must be JSON"}, status_code=400)
-        text = body.get("text") if isinstance(body, dict) else None
-        client_id = body.get("client_id") if isinstance(body, dict) else None
+        return uid, body if isinstance(body, dict) else {}
+
+    async def post_message(request: Request) -> Response:
+        got = await user_and_body(request)
+        if isinstance(got, JSONResponse):
+            return got
+        uid, body = got
+        text = body.get("text")
+        client_id = body.get("client_id")
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
             return JSONResponse({"error": f"text must be 1-{MAX_TEXT} characters"}, status_code=400)
         if not isinstance(client_id, str) or _CLIENT_ID_RE.fullmatch(client_id) is None:
@@ -244,14 +253,11 @@ def create_app(
         return JSONResponse({"offset": event.offset, "epoch": event.epoch}, status_code=202)
 
     async def stop(request: Request) -> Response:
-        uid = user_id(request)
-        if uid is None:
-            return JSONResponse({"error": "no uid cookie: load / first"}, status_code=401)
-        try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "body must be JSON"}, status_code=400)
-        task_id = body.get("task_id") if isinstance(body, dict) else None
+        got = await user_and_body(request)
+        if isinstance(got, JSONResponse):
+            return got
+        uid, body = got
+        task_id = body.get("task_id")
         if not isinstance(task_id, str) or _CLIENT_ID_RE.fullmatch(task_id) is None:
             return JSONResponse({"error": "task_id must be 1-64 characters of A-Z a-z 0-9 _ -"}, status_code=400)
         event = await replay.publish(

@@ -43,10 +43,9 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.websockets import WebSocket
 
 from starlette_replay import Refused, Replay
 
@@ -83,7 +82,8 @@ def create_app(
     # after logout for whoever kept a copy, so revocation needs state here.
     sessions: dict[str, str] = {}
 
-    async def identify(websocket: WebSocket) -> str:
+    # The hooks take the request's HTTPConnection: a WebSocket here (a Request on an SSE route).
+    async def identify(websocket: HTTPConnection) -> str:
         user = sessions.get(websocket.session.get("sid", ""))  # a browser on this site
         for offered in websocket.scope.get("subprotocols", []):
             offered = offered.strip()  # some ASGI servers/test transports keep the space after a comma
@@ -96,7 +96,7 @@ def create_app(
         websocket.state.user = user
         return user  # acks are stored under this identity; revoke() closes by it
 
-    def authorize(websocket: WebSocket, topic: str) -> bool:
+    def authorize(websocket: HTTPConnection, topic: str) -> bool:
         return topic == f"user:{websocket.state.user}"
 
     async def login(request: Request) -> JSONResponse:

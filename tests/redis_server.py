@@ -42,6 +42,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def replica_caught_up(primary: RedisServer, replica: RedisServer) -> bool:
+    """``replica`` is linked to ``primary`` and has applied all it wrote (INFO replication offsets:
+    WAIT only waits for the calling connection's own writes)."""
+    with primary.client() as p, replica.client() as r:
+        info = r.info("replication")
+        if info.get("master_link_status") != "up":
+            return False
+        return int(info.get("slave_repl_offset", -1)) >= int(p.info("replication")["master_repl_offset"])
+
+
 class RedisServer:
     """One redis-server process (restartable on the same port and directory)."""
 

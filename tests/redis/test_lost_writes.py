@@ -19,7 +19,7 @@ import pytest
 
 from starlette_replay import RedisStore, Replay, allow_all
 from tests.helpers import Client, connect, make_app, running
-from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.redis_server import REDIS_SERVER, RedisServer, replica_caught_up
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -31,16 +31,9 @@ class PrimaryAndReplica:
         self.primary = RedisServer(tmp / "primary").start()
         self.replica = RedisServer(tmp / "replica", extra=("--replicaof", "127.0.0.1", str(self.primary.port))).start()
 
-    def caught_up(self) -> bool:
-        with self.primary.client() as primary, self.replica.client() as replica:
-            if replica.info("replication").get("master_link_status") != "up":
-                return False
-            master_offset = int(primary.info("replication")["master_repl_offset"])
-            return int(replica.info("replication").get("slave_repl_offset", -1)) >= master_offset
-
     def wait_caught_up(self) -> None:
         deadline = time.monotonic() + WITHIN
-        while not self.caught_up():
+        while not replica_caught_up(self.primary, self.replica):
             assert time.monotonic() < deadline, "the replica did not catch up"
             time.sleep(0.02)
 

@@ -22,7 +22,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 
 from starlette_replay import Event, RedisStore, StoreUnavailable
-from tests.redis_server import REDIS_SERVER, RecordingSink, RedisServer, free_port
+from tests.redis_server import REDIS_SERVER, RecordingSink, RedisServer, free_port, replica_caught_up
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -97,9 +97,7 @@ class SentinelSetup:
         return int(port)
 
     def caught_up(self) -> bool:
-        with self.primary.client() as primary, self.replica.client() as replica:
-            master_offset = int(primary.info("replication")["master_repl_offset"])
-            return int(replica.info("replication").get("slave_repl_offset", -1)) >= master_offset
+        return replica_caught_up(self.primary, self.replica)
 
     def stop(self) -> None:
         for sentinel in self.sentinels:
