@@ -43,13 +43,14 @@ def free_port() -> int:
 
 
 def replica_caught_up(primary: RedisServer, replica: RedisServer) -> bool:
-    """``replica`` is linked to ``primary`` and has applied all it wrote (INFO replication offsets:
-    WAIT only waits for the calling connection's own writes)."""
+    """``replica`` is linked to ``primary`` and has applied all it had written when asked (INFO
+    replication offsets: WAIT only waits for the calling connection's own writes). The primary
+    is read first: under writes that go on, its offset read after the replica's would always
+    be ahead."""
     with primary.client() as p, replica.client() as r:
+        written = int(p.info("replication")["master_repl_offset"])
         info = r.info("replication")
-        if info.get("master_link_status") != "up":
-            return False
-        return int(info.get("slave_repl_offset", -1)) >= int(p.info("replication")["master_repl_offset"])
+        return info.get("master_link_status") == "up" and int(info.get("slave_repl_offset", -1)) >= written
 
 
 class RedisServer:
