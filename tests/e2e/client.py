@@ -179,11 +179,12 @@ class Subscriber:
         ws, self.ws = self.ws, None
         if ws is None:
             return
-        if abort:
-            ws.transport.abort()
-        else:
+        if not abort:
             with anyio.move_on_after(3):
                 await ws.close()
+        # Also after a close that did not finish in time (a loaded machine): a socket left open
+        # is a ResourceWarning, an error under filterwarnings, when it is collected.
+        ws.transport.abort()
         self.close_codes.append(ws.close_code)
 
     def abort(self) -> None:
