@@ -192,11 +192,7 @@ class Endpoint:
             offered = websocket.scope.get("subprotocols") or []
             await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
             logger.debug("[%s] connected (identity=%r)", conn_id, identity)
-            registry.track(connection)
-            try:
-                await connection.run()
-            finally:
-                registry.untrack(connection)
+            await registry.serve(connection)
         finally:
             registry.release(connection)
         logger.debug("[%s] closed (%s)", conn_id, connection.close_code)

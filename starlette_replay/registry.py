@@ -88,6 +88,15 @@ class Registry:
             # Accepted while shutdown ran (or after): the hub no longer gets live events.
             connection.abort(CloseCode.GOING_AWAY, "server shutting down")
 
+    async def serve(self, connection: Connection) -> None:
+        """Run ``connection`` (WebSocket or SSE stream), counted as open while it runs. Never raises
+        but what cancels it."""
+        self.track(connection)
+        try:
+            await connection.run()
+        finally:
+            self.untrack(connection)
+
     def untrack(self, connection: Connection) -> None:
         self.connections.discard(connection)
         self.metrics.closed(connection.close_code, connection.sent)

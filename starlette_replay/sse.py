@@ -344,11 +344,7 @@ class SSEEndpoint:
                 return
             stream.open(self._retry)
             logger.debug("[%s] stream started (identity=%r, topics=%d)", conn_id, identity, len(parsed.subscribes))
-            registry.track(stream)
-            try:
-                await stream.run()
-            finally:
-                registry.untrack(stream)
+            await registry.serve(stream)
         finally:
             registry.release(stream)
         logger.debug("[%s] stream ended (%s)", conn_id, stream.close_code)

@@ -185,11 +185,7 @@ async def lifespan_of(app: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
 async def serve_fake(replay: Replay, ws: FakeWebSocket, name: str) -> None:
     """What the endpoint does after accept, with a fake socket."""
     connection = replay._connect(ws, None, name)  # type: ignore[arg-type]
-    replay._registry.track(connection)
-    try:
-        await connection.run()
-    finally:
-        replay._registry.untrack(connection)
+    await replay._registry.serve(connection)
 
 
 class FakeWebSocket:
